@@ -1,0 +1,168 @@
+"""Argument normalization and output-size rules, in one place (as torch's ``_pair``).
+
+Every op validates its arguments here, with torch's exception types and messages that
+name the problem, so a bad call fails before any tensor work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IntOrPair = int | Sequence[int]
+
+
+def _pair(value: IntOrPair, name: str, op: str) -> tuple[int, int]:
+    """Normalize an int or a 1-/2-sequence of ints into ``(h, w)``.
+
+    Raises ``TypeError`` for non-integers (as torch's argument parser does) and
+    ``RuntimeError`` for a sequence of the wrong length.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | Sequence | torch.Size):
+        raise TypeError(
+            f"{op}(): argument '{name}' must be an int or a tuple of two ints, "
+            f"not {type(value).__name__}"
+        )
+    if isinstance(value, int):
+        return value, value
+    items = tuple(value)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(
+                f"{op}(): argument '{name}' must be an int or a tuple of two ints, "
+                f"but got {name}={list(items)}"
+            )
+    if len(items) == 1:
+        return items[0], items[0]
+    if len(items) != 2:
+        raise RuntimeError(
+            f"{op}: expected {name} to be a single integer value or a list of 2 "
+            f"values to match the 2 spatial dimensions, but got {name}={list(items)}"
+        )
+    return items[0], items[1]
+
+
+def check_input_rank(x: torch.Tensor, op: str, error: type[Exception] = RuntimeError) -> None:
+    """Require ``(N, C, H, W)`` or unbatched ``(C, H, W)`` input."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}(): argument 'input' must be Tensor, not {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise error(
+            f"Expected 3D (unbatched) or 4D (batched) input to {op}, "
+            f"but got input of size: {list(x.shape)}"
+        )
+
+
+def check_positive(values: tuple[int, int], name: str, op: str) -> None:
+    if min(values) <= 0:
+        raise RuntimeError(f"{op}: non-positive {name} is not supported, but got {name}={values}")
+
+
+def check_non_negative(values: tuple[int, int], name: str, op: str) -> None:
+    if min(values) < 0:
+        raise RuntimeError(f"{op}: negative {name} is not supported, but got {name}={values}")
+
+
+def pool_output_size(
+    size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool
+) -> int:
+    """torch's pooling output length along one dimension.
+
+    ``out = floor_or_ceil((size + 2*pad - dilation*(kernel-1) - 1) / stride) + 1``; with
+    ``ceil_mode`` the last window must start inside the input or the left padding, so one
+    window is dropped when ``(out-1)*stride >= size + pad``.
+    """
+    span = size + 2 * pad - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def check_pool_args(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    op: str,
+) -> None:
+    """The argument checks torch applies to 2-d pools (all ``RuntimeError``)."""
+    if min(kernel) <= 0:
+        raise RuntimeError(f"{op}: kernel_size must be greater than zero, but got {kernel}")
+    if min(stride) <= 0:
+        raise RuntimeError(f"{op}: stride must be greater than zero, but got {stride}")
+    if min(dilation) <= 0:
+        raise RuntimeError(f"{op}: dilation must be greater than zero, but got {dilation}")
+    if min(padding) < 0:
+        raise RuntimeError(f"{op}: pad must be non-negative, but got pad: {padding}")
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise RuntimeError(
+            f"{op}: pad should be at most half of kernel size, but got "
+            f"pad={padding} and kernel_size={kernel}"
+        )
+    if x.dim() == 4 and x.shape[0] == 0:
+        nonbatch = x.shape[1:]
+    else:
+        nonbatch = x.shape[-3:]
+    if any(s == 0 for s in nonbatch):
+        raise RuntimeError(
+            f"{op}: expected 3D or 4D (batch mode) tensor with optional 0 dim "
+            f"batch size for input, but got: {list(x.shape)}"
+        )
+
+
+def pool_geometry(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    ceil_mode: bool,
+    op: str,
+) -> tuple[int, int]:
+    """Output ``(oH, oW)`` of a 2-d pool, rejecting an empty output as torch does."""
+    h, w = x.shape[-2:]
+    oh = pool_output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    ow = pool_output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    if oh < 1 or ow < 1:
+        raise RuntimeError(
+            f"{op}: given input size: ({x.shape[-3]}x{h}x{w}). Calculated output "
+            f"size: ({x.shape[-3]}x{oh}x{ow}). Output size is too small"
+        )
+    return oh, ow
+
+
+def window_span(kernel: int, dilation: int) -> int:
+    """Extent of a dilated window: ``dilation*(kernel-1) + 1``."""
+    return dilation * (kernel - 1) + 1
+
+
+def end_padding(size: int, out: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    """Padding needed after the input so that all ``out`` windows fit.
+
+    Equals ``pad`` except in ``ceil_mode`` (the last window may run past it) or when the
+    stride leaves trailing rows that no window reads (then less is needed; negative values
+    crop them).
+    """
+    return (out - 1) * stride + window_span(kernel, dilation) - pad - size
+
+
+def windows(
+    xp: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out: tuple[int, int],
+) -> torch.Tensor:
+    """A strided view ``(..., oH, oW, kH, kW)`` of every pooling/conv window of ``xp``.
+
+    ``view[..., oh, ow, i, j] = xp[..., oh*sH + i*dH, ow*sW + j*dW]``: no copy is made.
+    """
+    *lead, hp, wp = xp.shape
+    st = xp.stride()
+    sh, sw = st[-2], st[-1]
+    size = (*lead, out[0], out[1], kernel[0], kernel[1])
+    strides = (*st[:-2], sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1])
+    return xp.as_strided(size, strides, xp.storage_offset())

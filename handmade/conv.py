@@ -1,0 +1,328 @@
+r"""2-d convolution with a hand-derived backward, forward-mode and double-backward rule.
+
+The math (cross-correlation, as every deep-learning "convolution"), for one group,
+with ``x_p`` the zero-padded input, stride ``s`` and dilation ``d``::
+
+    (1) y[n,o,p,q]   = b[o] + sum_{c,i,j} w[o,c,i,j] * x_p[n,c, p*s+i*d, q*s+j*d]
+
+Differentiating (1) term by term:
+
+    (2) dL/db[o]       = sum_{n,p,q} g[n,o,p,q]                    (g = dL/dy)
+    (3) dL/dw[o,c,i,j] = sum_{n,p,q} g[n,o,p,q] * x_p[n,c, p*s+i*d, q*s+j*d]
+                       = correlation of the input with the upstream gradient
+    (4) dL/dx_p[n,c,u,v] = sum_{o,i,j} g[n,o,p,q] * w[o,c,i,j]   over u = p*s+i*d, v = q*s+j*d
+                       = "full" convolution of the stride-dilated g with w rotated by 180 deg,
+                         i.e. a stride-1 correlation of (zero-inserted, zero-padded) g with
+                         w[:, :, ::-1, ::-1] whose in/out channel roles are swapped,
+                         then cropped back to the unpadded input.
+
+Every formula is computed by :func:`correlate` (one GEMM over im2col columns), so the
+backward of a convolution literally is another convolution with swapped roles and a
+flipped kernel.  The backward is built from differentiable elementary ops, so autograd
+can differentiate it again (double backward); the forward-mode rule uses bilinearity:
+
+    (5) dy = conv(dx, w) + conv(x, dw) + db
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._utils import _pair, check_input_rank, check_non_negative, check_positive
+
+__all__ = ["Conv2dFunction", "conv2d", "correlate"]
+
+Pad4 = tuple[int, int, int, int]  # (top, bottom, left, right)
+
+
+class ConvGeometry(NamedTuple):
+    """Normalized arguments of one conv2d call."""
+
+    stride: tuple[int, int]
+    padding: Pad4
+    dilation: tuple[int, int]
+    groups: int
+
+
+# ----------------------------------------------------------------------------- core math
+
+
+def correlate(
+    xp: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """Formula (1) without bias on an already padded, batched input.
+
+    ``xp``: ``(N, C, Hp, Wp)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
+    im2col gathers every window into a column, then one batched GEMM per group
+    contracts over ``(c, i, j)``.
+    """
+    n, c, hp, wp = xp.shape
+    o, cg, kh, kw = w.shape
+    oh = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if kh == kw == 1 and stride == (1, 1):
+        cols = xp.reshape(n, c, hp * wp)  # a 1x1 kernel's columns are the input itself
+    else:
+        cols = F.unfold(xp, (kh, kw), dilation=dilation, stride=stride)  # (N, C*kH*kW, L)
+    cols = cols.reshape(n, groups, cg * kh * kw, oh * ow)
+    y = torch.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols)  # (N, g, O/g, L)
+    return y.reshape(n, o, oh, ow)
+
+
+def _pad(x: torch.Tensor, pad: Pad4) -> torch.Tensor:
+    top, bottom, left, right = pad
+    if pad == (0, 0, 0, 0):
+        return x
+    return F.pad(x, (left, right, top, bottom))
+
+
+def conv_forward(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: ConvGeometry
+) -> torch.Tensor:
+    """Formula (1): ``y = correlate(pad(x), w) + b`` on a batched input."""
+    y = correlate(_pad(x, geo.padding), w, geo.stride, geo.dilation, geo.groups)
+    if b is not None:
+        y = y + b.reshape(1, -1, 1, 1)
+    return y
+
+
+def conv_input_grad(
+    g: torch.Tensor, w: torch.Tensor, input_hw: tuple[int, int], geo: ConvGeometry
+) -> torch.Tensor:
+    """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel."""
+    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
+    top, bottom, left, right = geo.padding
+    n, o, oh, ow = g.shape
+    _, cg, kh, kw = w.shape
+    h, wd = input_hw
+    if (sh, sw) != (1, 1):  # stride-dilate g: insert s-1 zeros between its rows/columns
+        g_dilated = g.new_zeros(n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1)
+        g_dilated[:, :, ::sh, ::sw] = g
+        g = g_dilated
+    # "full" padding d*(k-1) on both sides, minus the forward's padding (cropped away),
+    # plus the rows/cols at the end that the stride skipped (they receive zero gradient).
+    full_h, full_w = dh * (kh - 1), dw * (kw - 1)
+    skipped_h = h + top + bottom - (g.shape[2] + full_h)
+    skipped_w = wd + left + right - (g.shape[3] + full_w)
+    g = _pad(
+        g, (full_h - top, full_h - bottom + skipped_h, full_w - left, full_w - right + skipped_w)
+    )
+    # rotate by 180 deg and swap in/out channels within each group: (C, O/g, kH, kW)
+    w_rot = (
+        w.reshape(groups, o // groups, cg, kh, kw)
+        .transpose(1, 2)
+        .reshape(groups * cg, o // groups, kh, kw)
+        .flip(-2, -1)
+    )
+    return correlate(g, w_rot, (1, 1), (dh, dw), groups)
+
+
+def conv_weight_grad(
+    x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, geo: ConvGeometry
+) -> torch.Tensor:
+    """Formula (3): dL/dw, the correlation of the padded input with ``g``."""
+    o, cg, kh, kw = w_shape
+    n = x.shape[0]
+    groups = geo.groups
+    cols = F.unfold(_pad(x, geo.padding), (kh, kw), dilation=geo.dilation, stride=geo.stride)
+    cols = cols.reshape(n, groups, cg * kh * kw, -1)  # (N, g, C/g*kH*kW, L)
+    g = g.reshape(n, groups, o // groups, -1)  # (N, g, O/g, L)
+    gw = torch.matmul(g, cols.transpose(-1, -2)).sum(0)  # sum over n,p,q -> (g, O/g, C/g*kH*kW)
+    return gw.reshape(o, cg, kh, kw)
+
+
+def conv_bias_grad(g: torch.Tensor) -> torch.Tensor:
+    """Formula (2): dL/db, the upstream gradient summed over batch and space."""
+    return g.sum((0, 2, 3))
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """``y = conv2d(x, w, b)`` with the backward (2)-(4) and forward-mode rule (5).
+
+    Takes normalized arguments (see :func:`conv2d`); accepts batched ``(N, C, H, W)`` and
+    unbatched ``(C, H, W)`` input.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geo: ConvGeometry
+    ) -> torch.Tensor:
+        if x.dim() == 3:
+            return conv_forward(x.unsqueeze(0), weight, bias, geo).squeeze(0)
+        return conv_forward(x, weight, bias, geo)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, bias, geo = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.geo = geo
+        ctx.has_bias = bias is not None
+        ctx.batched_out_shape = output.shape if x.dim() == 4 else (1, *output.shape)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        geo = ctx.geo
+        unbatched = x.dim() == 3
+        if unbatched:
+            x, g = x.unsqueeze(0), g.unsqueeze(0)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
+            gx = gx.squeeze(0) if unbatched else gx
+        if ctx.needs_input_grad[1]:
+            gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = conv_bias_grad(g)  # (2)
+        return gx, gw, gb, None
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        x_t: torch.Tensor | None,
+        w_t: torch.Tensor | None,
+        b_t: torch.Tensor | None,
+        _geo: None,
+    ) -> torch.Tensor:
+        x, weight = ctx.saved_tensors
+        geo = ctx.geo
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+            x_t = None if x_t is None else x_t.unsqueeze(0)
+        # (5): the forward is bilinear in (x, w) and affine in b
+        terms = []
+        if x_t is not None:
+            terms.append(conv_forward(x_t, weight, None, geo))
+        if w_t is not None:
+            terms.append(conv_forward(x, w_t, None, geo))
+        if not terms and b_t is None:
+            return None
+        out_t = sum(terms[1:], terms[0]) if terms else x.new_zeros(ctx.batched_out_shape)
+        if b_t is not None:
+            out_t = out_t + b_t.reshape(-1, 1, 1)
+        return out_t.squeeze(0) if unbatched else out_t
+
+
+# ----------------------------------------------------------------------------- functional
+
+
+def _conv_geometry(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> ConvGeometry:
+    """Validate a conv2d call as torch does and normalize its arguments."""
+    op = "conv2d"
+    check_input_rank(x, op)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"conv2d(): argument 'weight' must be Tensor, not {type(weight).__name__}")
+    if isinstance(padding, str) and padding not in ("same", "valid"):
+        raise RuntimeError(f"Invalid padding string: '{padding}' (expected 'same' or 'valid')")
+    stride_hw = _pair(stride, "stride", op)
+    dilation_hw = _pair(dilation, "dilation", op)
+    check_positive(stride_hw, "stride", op)
+    check_positive(dilation_hw, "dilation", op)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
+    if groups <= 0:
+        raise RuntimeError(f"conv2d: non-positive groups is not supported, but got groups={groups}")
+    if weight.dim() != 4:
+        raise RuntimeError(
+            f"conv2d: expected weight to be 4-dimensional (out_channels, "
+            f"in_channels/groups, kH, kW), but got weight of size {list(weight.shape)}"
+        )
+    kh, kw = weight.shape[-2:]
+    if padding == "valid":
+        pad4: Pad4 = (0, 0, 0, 0)
+    elif padding == "same":
+        if stride_hw != (1, 1):
+            raise RuntimeError("padding='same' is not supported for strided convolutions")
+        total_h, total_w = dilation_hw[0] * (kh - 1), dilation_hw[1] * (kw - 1)
+        pad4 = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+    else:
+        ph, pw = _pair(padding, "padding", op)
+        check_non_negative((ph, pw), "padding", op)
+        pad4 = (ph, ph, pw, pw)
+    in_channels = x.shape[-3]
+    if in_channels != weight.shape[1] * groups:
+        raise RuntimeError(
+            f"Given groups={groups}, weight of size {list(weight.shape)}, expected "
+            f"input{list(x.shape)} to have {weight.shape[1] * groups} channels, "
+            f"but got {in_channels} channels instead"
+        )
+    if weight.shape[0] % groups != 0:
+        raise RuntimeError(
+            f"Given groups={groups}, expected weight to be divisible by {groups} at "
+            f"dimension 0, but got weight of size {list(weight.shape)} instead"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(
+            f"Given weight of size {list(weight.shape)}, expected bias to be "
+            f"1-dimensional with {weight.shape[0]} elements, but got bias of size "
+            f"{list(bias.shape)} instead"
+        )
+    padded = (x.shape[-2] + pad4[0] + pad4[1], x.shape[-1] + pad4[2] + pad4[3])
+    span = (dilation_hw[0] * (kh - 1) + 1, dilation_hw[1] * (kw - 1) + 1)
+    if padded[0] < span[0] or padded[1] < span[1]:
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). "
+            f"Kernel size: ({span[0]} x {span[1]}). Kernel size can't be greater "
+            f"than actual input size"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(
+                f"conv2d: input type ({x.dtype}) and {name} type ({t.dtype}) should be the same"
+            )
+        if t is not None and t.device != x.device:
+            raise RuntimeError(
+                f"conv2d: input ({x.device}) and {name} ({t.device}) must be on the same device"
+            )
+    return ConvGeometry(stride_hw, pad4, dilation_hw, groups)
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: str | int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    r"""2-d cross-correlation, a drop-in for :func:`torch.nn.functional.conv2d`.
+
+    Args:
+        input: ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``.
+        weight: ``(C_out, C_in / groups, kH, kW)``.
+        bias: optional ``(C_out,)``.
+        stride, dilation: int or ``(h, w)``.
+        padding: int, ``(h, w)``, ``'valid'`` (none) or ``'same'`` (output size = input size,
+            stride 1 only; an odd total pad puts the extra row/column at the bottom/right).
+        groups: split input and output channels into this many independent groups.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` with
+        ``H_out = floor((H + pad_top + pad_bottom - dilation[0]*(kH-1) - 1) / stride[0]) + 1``
+        (likewise ``W_out``).  The gradient comes from :class:`Conv2dFunction`.
+    """
+    geo = _conv_geometry(input, weight, bias, stride, padding, dilation, groups)
+    return Conv2dFunction.apply(input, weight, bias, geo)

@@ -1,0 +1,340 @@
+r"""2-d max and average pooling with hand-derived backward and forward-mode rules.
+
+Windows: output ``(p, q)`` reads the input at rows ``p*s - pad + i*d`` and columns
+``q*s - pad + j*d`` for ``i < kH, j < kW`` (``d = 1`` for average pooling).
+
+Max pooling::
+
+    (1) y[p,q]   = x[m(p,q)],  m(p,q) = the window's winner, chosen exactly as torch's
+                   kernels choose: scanning the window in row-major order over in-bounds
+                   positions, a value wins if it is > the best so far or is NaN.  So the
+                   first of tied maxima wins, the last NaN wins if there is one, and an
+                   all -inf window returns its first in-bounds position.
+    (2) dL/dx[u] = sum over windows whose winner is u of g[p,q]
+                   (the gradient is routed to the winner, and to no other tied element)
+    (3) dy[p,q]  = dx[m(p,q)]                       (forward mode: gather the tangent)
+
+Average pooling::
+
+    (4) y[p,q]   = (1/D[p,q]) * sum_{i,j} x_p[p*s+i, q*s+j]  (x_p zero-padded)
+                   D = divisor_override, or the window's size clipped to the padded input
+                   (count_include_pad=True), or to the input itself (False).
+    (5) dL/dx_p[p*s+i, q*s+j] += g[p,q] / D[p,q]   (each gradient spread evenly)
+    (6) dy = avg_pool(dx)                           (the op is linear)
+
+Both backward rules are differentiable expressions (a scatter-add and strided adds),
+so double backward works through autograd; the winners are saved from the forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._utils import (
+    _pair,
+    check_input_rank,
+    check_pool_args,
+    end_padding,
+    pool_geometry,
+    windows,
+)
+
+__all__ = ["AvgPool2dFunction", "MaxPool2dFunction", "avg_pool2d", "max_pool2d"]
+
+
+class PoolGeometry(NamedTuple):
+    """Normalized arguments of one pooling call."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    out: tuple[int, int]
+
+
+def _padded(x: torch.Tensor, geo: PoolGeometry, value: float) -> torch.Tensor:
+    """Pad ``x`` so that every window of ``geo`` lies inside it (ceil_mode windows included)."""
+    (h, w), (ph, pw) = x.shape[-2:], geo.padding
+    eh = end_padding(h, geo.out[0], geo.kernel[0], geo.stride[0], ph, geo.dilation[0])
+    ew = end_padding(w, geo.out[1], geo.kernel[1], geo.stride[1], pw, geo.dilation[1])
+    pad = (pw, max(ew, 0), ph, max(eh, 0))
+    if pad == (0, 0, 0, 0):
+        return x
+    return F.pad(x, pad, value=value)
+
+
+def _window_rows(out: int, kernel: int, stride: int, pad: int, dilation: int) -> list[range]:
+    """For each output position, the input coordinates its window reads along one axis."""
+    return [
+        range(p * stride - pad, p * stride - pad + kernel * dilation, dilation) for p in range(out)
+    ]
+
+
+# ----------------------------------------------------------------------------- max pool
+
+
+def _first_in_bounds(
+    out: int, kernel: int, stride: int, pad: int, dilation: int, size: int
+) -> list[int]:
+    """Per output position, the window offset of its first in-bounds element.
+
+    Raises for a window lying wholly in the padding: torch's CPU kernel reads out of
+    bounds there (a crash or a garbage index); handmade rejects such calls instead.
+    """
+    firsts = []
+    for p, coords in enumerate(_window_rows(out, kernel, stride, pad, dilation)):
+        inside = [i for i, u in enumerate(coords) if 0 <= u < size]
+        if not inside:
+            raise RuntimeError(
+                f"max_pool2d: the window of output position {p} lies entirely in the padding "
+                f"(kernel_size={kernel}, stride={stride}, padding={pad}, dilation={dilation}, "
+                f"input size {size}); such a window has no element to select. Reduce padding "
+                f"or dilation."
+            )
+        firsts.append(inside[0])
+    return firsts
+
+
+def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Formula (1): the window maxima and their flat indices into each ``H*W`` plane."""
+    (h, w), (kh, kw), (oh, ow) = x.shape[-2:], geo.kernel, geo.out
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
+    win = windows(_padded(x, geo, lowest), geo.kernel, geo.stride, geo.dilation, geo.out)
+    win = win.reshape(*x.shape[:-2], oh, ow, kh * kw)
+    y, k = win.max(-1)  # value and offset of the first maximum (NaN counts as a maximum)
+    if ph or pw:
+        # A window whose in-bounds values are all -inf ties with its padding: torch returns
+        # the first in-bounds position.
+        fi = _first_in_bounds(oh, kh, sh, ph, dh, h)
+        fj = _first_in_bounds(ow, kw, sw, pw, dw, w)
+        first = torch.tensor(fi, device=x.device).view(-1, 1) * kw + torch.tensor(
+            fj, device=x.device
+        ).view(1, -1)
+        k = torch.where(y == lowest, first, k)
+    if x.is_floating_point():
+        nan_windows = y.isnan()
+        if nan_windows.any():  # torch's scan keeps the *last* NaN of a window
+            rank = torch.arange(1, kh * kw + 1, device=x.device)
+            k = torch.where(nan_windows, (win.isnan() * rank).argmax(-1), k)
+    # window offset k = i*kW + j  ->  flat index (p*sH - pH + i*dH) * W + (q*sW - pW + j*dW)
+    i, j = torch.arange(kh, device=x.device), torch.arange(kw, device=x.device)
+    offset = ((i * dh * w).view(-1, 1) + (j * dw).view(1, -1)).reshape(-1)
+    p, q = torch.arange(oh, device=x.device), torch.arange(ow, device=x.device)
+    base = ((p * sh - ph) * w).view(-1, 1) + (q * sw - pw).view(1, -1)
+    return y, base + offset[k]
+
+
+def max_pool_backward(
+    g: torch.Tensor, indices: torch.Tensor, input_shape: torch.Size
+) -> torch.Tensor:
+    """Formula (2): scatter-add each upstream gradient onto its window's winner."""
+    *lead, h, w = input_shape
+    gx = g.new_zeros(*lead, h * w)
+    gx = gx.scatter_add(-1, indices.reshape(*lead, -1), g.reshape(*lead, -1))
+    return gx.reshape(input_shape)
+
+
+class MaxPool2dFunction(torch.autograd.Function):
+    """``(y, indices) = max_pool2d(x)`` with backward (2) and forward-mode rule (3).
+
+    ``indices`` is not differentiable; it is saved for the backward, which routes the
+    gradient exactly where torch routes it.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        return max_pool_forward(x, geo)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, _ = inputs
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.save_for_forward(indices)
+        ctx.input_shape = x.shape
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, _g_indices: torch.Tensor | None):
+        (indices,) = ctx.saved_tensors
+        return max_pool_backward(g, indices, ctx.input_shape), None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, _geo: None):
+        (indices,) = ctx.saved_tensors
+        lead = x_t.shape[:-2]
+        y_t = x_t.reshape(*lead, -1).gather(-1, indices.reshape(*lead, -1))
+        return y_t.reshape(indices.shape), None
+
+
+# ----------------------------------------------------------------------------- avg pool
+
+
+def _divisors(
+    size: int, out: int, kernel: int, stride: int, pad: int, count_include_pad: bool
+) -> list[int]:
+    """Per output position along one axis, the window length torch divides by."""
+    lengths = []
+    for coords in _window_rows(out, kernel, stride, pad, 1):
+        start, end = coords.start, min(coords.stop, size + pad)  # clipped to the padded input
+        if not count_include_pad:
+            start, end = max(start, 0), min(end, size)  # clipped to the input itself
+        lengths.append(max(end - start, 0))
+    return lengths
+
+
+def avg_divisor(
+    x: torch.Tensor, geo: PoolGeometry, count_include_pad: bool, divisor_override: int | None
+) -> torch.Tensor | int:
+    """``D[p, q]`` of formula (4), as torch's kernels compute it."""
+    if divisor_override is not None:
+        return divisor_override
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], geo.kernel, geo.stride, geo.padding
+    dh = _divisors(h, geo.out[0], kh, sh, ph, count_include_pad)
+    dw = _divisors(w, geo.out[1], kw, sw, pw, count_include_pad)
+    d = torch.tensor(dh, device=x.device).view(-1, 1) * torch.tensor(dw, device=x.device).view(
+        1, -1
+    )
+    return d.clamp_min(1).to(x.dtype)  # an empty window sums to 0; torch outputs 0 there
+
+
+def avg_pool_forward(
+    x: torch.Tensor, geo: PoolGeometry, divisor: torch.Tensor | int
+) -> torch.Tensor:
+    """Formula (4): window sums of the zero-padded input, divided by ``D``."""
+    win = windows(_padded(x, geo, 0.0), geo.kernel, geo.stride, geo.dilation, geo.out)
+    return win.sum((-2, -1)) / divisor
+
+
+def avg_pool_backward(
+    g: torch.Tensor, geo: PoolGeometry, divisor: torch.Tensor | int, input_shape: torch.Size
+) -> torch.Tensor:
+    """Formula (5): add ``g / D`` to every position of its window, then drop the padding.
+
+    The sum over overlapping windows is col2im (``fold``), the adjoint of reading windows.
+    """
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = input_shape[-2:], geo.kernel, geo.stride, geo.padding
+    oh, ow = geo.out
+    share = (g / divisor).reshape(-1, 1, oh * ow).expand(-1, kh * kw, oh * ow)
+    # the padded frame: every window fits, and so does the whole (left-padded) input
+    frame = (max((oh - 1) * sh + kh, ph + h), max((ow - 1) * sw + kw, pw + w))
+    gx = F.fold(share, frame, (kh, kw), stride=(sh, sw))  # (M, 1, *frame)
+    gx = gx[:, 0, ph : ph + h, pw : pw + w]  # rows the stride skipped keep their zero gradient
+    return gx.reshape(input_shape)
+
+
+class AvgPool2dFunction(torch.autograd.Function):
+    """``y = avg_pool2d(x)`` with backward (5) and forward-mode rule (6)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, geo: PoolGeometry, divisor: torch.Tensor | int) -> torch.Tensor:
+        return avg_pool_forward(x, geo, divisor)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, geo, divisor = inputs
+        ctx.geo, ctx.divisor, ctx.input_shape = geo, divisor, x.shape
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        return avg_pool_backward(g, ctx.geo, ctx.divisor, ctx.input_shape), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, _geo: None, _divisor: None) -> torch.Tensor:
+        return avg_pool_forward(x_t, ctx.geo, ctx.divisor)
+
+
+# ----------------------------------------------------------------------------- functional
+
+
+def _pool_geometry(
+    x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, op: str
+) -> PoolGeometry:
+    """Validate a pooling call as torch does and normalize its arguments."""
+    check_input_rank(x, op, IndexError if op == "avg_pool2d" and x.dim() < 3 else RuntimeError)
+    kernel = _pair(kernel_size, "kernel_size", op)
+    no_stride = stride is None or (isinstance(stride, tuple | list) and len(stride) == 0)
+    stride_hw = kernel if no_stride else _pair(stride, "stride", op)
+    padding_hw = _pair(padding, "padding", op)
+    dilation_hw = _pair(dilation, "dilation", op)
+    check_pool_args(x, kernel, stride_hw, padding_hw, dilation_hw, op)
+    out = pool_geometry(x, kernel, stride_hw, padding_hw, dilation_hw, bool(ceil_mode), op)
+    return PoolGeometry(kernel, stride_hw, padding_hw, dilation_hw, out)
+
+
+def max_pool2d(
+    input: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+):
+    r"""2-d max pooling, a drop-in for :func:`torch.nn.functional.max_pool2d`.
+
+    Args:
+        input: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+        kernel_size, stride (default: ``kernel_size``), padding, dilation: int or ``(h, w)``;
+            implicit padding is ``-inf`` and at most half the kernel.
+        ceil_mode: round the output size up (a last window must start inside the input or
+            the left padding).
+        return_indices: also return the winners' flat indices into each ``H*W`` plane.
+
+    Returns:
+        ``(N, C, H_out, W_out)`` with ``H_out = floor_or_ceil((H + 2*padding[0] -
+        dilation[0]*(kH-1) - 1) / stride[0]) + 1``; plus the int64 indices if asked.
+    """
+    geo = _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
+    _first_in_bounds(
+        geo.out[0], geo.kernel[0], geo.stride[0], geo.padding[0], geo.dilation[0], input.shape[-2]
+    )
+    _first_in_bounds(
+        geo.out[1], geo.kernel[1], geo.stride[1], geo.padding[1], geo.dilation[1], input.shape[-1]
+    )
+    y, indices = MaxPool2dFunction.apply(input, geo)
+    return (y, indices) if return_indices else y
+
+
+def avg_pool2d(
+    input: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> torch.Tensor:
+    r"""2-d average pooling, a drop-in for :func:`torch.nn.functional.avg_pool2d`.
+
+    Args:
+        input: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
+        kernel_size, stride (default: ``kernel_size``), padding: int or ``(h, w)``;
+            implicit padding is zero and at most half the kernel.
+        ceil_mode: round the output size up (see :func:`max_pool2d`).
+        count_include_pad: divide by the window size including padding (clipped to the
+            padded input) instead of the number of input elements in the window.
+        divisor_override: divide every window sum by this non-zero int instead.
+
+    Returns:
+        ``(N, C, H_out, W_out)``, sizes as for :func:`max_pool2d` with dilation 1.
+    """
+    geo = _pool_geometry(input, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d")
+    if divisor_override is not None:
+        if isinstance(divisor_override, bool) or not isinstance(divisor_override, int):
+            raise TypeError(
+                f"avg_pool2d(): argument 'divisor_override' must be int, "
+                f"not {type(divisor_override).__name__}"
+            )
+        if divisor_override == 0:
+            raise RuntimeError("avg_pool2d: divisor must be not zero")
+    divisor = avg_divisor(input, geo, bool(count_include_pad), divisor_override)
+    return AvgPool2dFunction.apply(input, geo, divisor)
