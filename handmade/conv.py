@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._utils import _pair, check_input_rank, check_non_negative, check_positive
+from ._utils import _pair, check_input_rank, check_non_negative, check_positive, windows
 
 __all__ = ["Conv2dFunction", "conv2d", "correlate"]
 
@@ -48,6 +48,22 @@ class ConvGeometry(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- core math
+
+
+def im2col(
+    xp: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
+    """Every window of ``xp`` as a column: ``(N, C, Hp, Wp) -> (N, C*kH*kW, oH*oW)``."""
+    if xp.is_floating_point():
+        return F.unfold(xp, kernel, dilation=dilation, stride=stride)
+    # torch's im2col kernel has no integer version: gather the same columns from a view
+    n, c, hp, wp = xp.shape
+    out = (
+        (hp - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
+        (wp - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+    )
+    win = windows(xp, kernel, stride, dilation, out)  # (N, C, oH, oW, kH, kW)
+    return win.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kernel[0] * kernel[1], out[0] * out[1])
 
 
 def correlate(
@@ -70,7 +86,7 @@ def correlate(
     if kh == kw == 1 and stride == (1, 1):
         cols = xp.reshape(n, c, hp * wp)  # a 1x1 kernel's columns are the input itself
     else:
-        cols = F.unfold(xp, (kh, kw), dilation=dilation, stride=stride)  # (N, C*kH*kW, L)
+        cols = im2col(xp, (kh, kw), dilation, stride)  # (N, C*kH*kW, L)
     cols = cols.reshape(n, groups, cg * kh * kw, oh * ow)
     y = torch.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols)  # (N, g, O/g, L)
     return y.reshape(n, o, oh, ow)
@@ -131,9 +147,9 @@ def conv_weight_grad(
     o, cg, kh, kw = w_shape
     n = x.shape[0]
     groups = geo.groups
-    cols = F.unfold(_pad(x, geo.padding), (kh, kw), dilation=geo.dilation, stride=geo.stride)
-    cols = cols.reshape(n, groups, cg * kh * kw, -1)  # (N, g, C/g*kH*kW, L)
-    g = g.reshape(n, groups, o // groups, -1)  # (N, g, O/g, L)
+    cols = im2col(_pad(x, geo.padding), (kh, kw), geo.dilation, geo.stride)
+    cols = cols.reshape(n, groups, cg * kh * kw, g.shape[2] * g.shape[3])  # (N, g, C/g*kH*kW, L)
+    g = g.reshape(n, groups, o // groups, g.shape[2] * g.shape[3])  # (N, g, O/g, L)
     gw = torch.matmul(g, cols.transpose(-1, -2)).sum(0)  # sum over n,p,q -> (g, O/g, C/g*kH*kW)
     return gw.reshape(o, cg, kh, kw)
 

@@ -28,6 +28,7 @@ so double backward works through autograd; the winners are saved from the forwar
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -134,7 +135,8 @@ def max_pool_backward(
     """Formula (2): scatter-add each upstream gradient onto its window's winner."""
     *lead, h, w = input_shape
     gx = g.new_zeros(*lead, h * w)
-    gx = gx.scatter_add(-1, indices.reshape(*lead, -1), g.reshape(*lead, -1))
+    n_out = indices.shape[-2] * indices.shape[-1]
+    gx = gx.scatter_add(-1, indices.reshape(*lead, n_out), g.reshape(*lead, n_out))
     return gx.reshape(input_shape)
 
 
@@ -169,7 +171,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def jvp(ctx: Any, x_t: torch.Tensor, _geo: None):
         (indices,) = ctx.saved_tensors
         lead = x_t.shape[:-2]
-        y_t = x_t.reshape(*lead, -1).gather(-1, indices.reshape(*lead, -1))
+        flat_idx = indices.reshape(*lead, indices.shape[-2] * indices.shape[-1])
+        y_t = x_t.reshape(*lead, x_t.shape[-2] * x_t.shape[-1]).gather(-1, flat_idx)
         return y_t.reshape(indices.shape), None
 
 
@@ -209,7 +212,10 @@ def avg_pool_forward(
 ) -> torch.Tensor:
     """Formula (4): window sums of the zero-padded input, divided by ``D``."""
     win = windows(_padded(x, geo, 0.0), geo.kernel, geo.stride, geo.dilation, geo.out)
-    return win.sum((-2, -1)) / divisor
+    sums = win.sum((-2, -1))
+    if not x.is_floating_point():  # torch divides integer sums with C++ integer division
+        return torch.div(sums, divisor, rounding_mode="trunc")
+    return sums / divisor
 
 
 def avg_pool_backward(
@@ -221,7 +227,8 @@ def avg_pool_backward(
     """
     (h, w), (kh, kw), (sh, sw), (ph, pw) = input_shape[-2:], geo.kernel, geo.stride, geo.padding
     oh, ow = geo.out
-    share = (g / divisor).reshape(-1, 1, oh * ow).expand(-1, kh * kw, oh * ow)
+    planes = math.prod(input_shape[:-2])
+    share = (g / divisor).reshape(planes, 1, oh * ow).expand(planes, kh * kw, oh * ow)
     # the padded frame: every window fits, and so does the whole (left-padded) input
     frame = (max((oh - 1) * sh + kh, ph + h), max((ow - 1) * sw + kw, pw + w))
     gx = F.fold(share, frame, (kh, kw), stride=(sh, sw))  # (M, 1, *frame)
