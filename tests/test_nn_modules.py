@@ -29,7 +29,7 @@ def _assert_same_outputs_and_grads(ours: nn.Module, theirs: nn.Module, x: torch.
     y1.backward(upstream)
     y2.backward(upstream)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-10)
-    for (name, p1), (_, p2) in zip(ours.named_parameters(), theirs.named_parameters()):
+    for (name, p1), (_, p2) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-10, msg=name)
 
 
@@ -59,7 +59,9 @@ def test_state_dict_loads_either_way() -> None:
     torch.manual_seed(0)
     ours, theirs = hnn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
     ours.load_state_dict(theirs.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True)
+    )
     with torch.no_grad():
         ours.weight.mul_(2)
     theirs.load_state_dict(ours.state_dict())
