@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._utils import _pair, check_input_rank, check_non_negative, check_positive, windows
+from ._utils import _pair, check_input_rank, check_non_negative, check_positive
 
 __all__ = ["Conv2dFunction", "conv2d", "correlate"]
 
@@ -50,20 +50,32 @@ class ConvGeometry(NamedTuple):
 # ----------------------------------------------------------------------------- core math
 
 
-def im2col(
-    xp: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]
-) -> torch.Tensor:
-    """Every window of ``xp`` as a column: ``(N, C, Hp, Wp) -> (N, C*kH*kW, oH*oW)``."""
-    if xp.is_floating_point():
-        return F.unfold(xp, kernel, dilation=dilation, stride=stride)
-    # torch's im2col kernel has no integer version: gather the same columns from a view
-    n, c, hp, wp = xp.shape
-    out = (
-        (hp - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1,
-        (wp - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1,
+def row_windows(xp: torch.Tensor, kw: int, dw: int, sw: int, ow: int) -> torch.Tensor:
+    """im2col along the width only: ``(N, C, Hp, Wp) -> (N, C, kW, Hp, oW)``.
+
+    ``rows[n, c, j, u, q] = xp[n, c, u, q*sW + j*dW]``, one copy out of a strided view.
+    Taking the kernel rows ``i`` as slices ``u = p*sH + i*dH`` of this buffer gives every
+    window without materializing the full ``kH*kW``-fold im2col matrix: for stride 1
+    each slice is a free view that a GEMM reads in place.
+    """
+    n, c, hp, _ = xp.shape
+    st = xp.stride()
+    view = xp.as_strided(
+        (n, c, kw, hp, ow), (st[0], st[1], st[3] * dw, st[2], st[3] * sw), xp.storage_offset()
     )
-    win = windows(xp, kernel, stride, dilation, out)  # (N, C, oH, oW, kH, kW)
-    return win.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kernel[0] * kernel[1], out[0] * out[1])
+    return view.contiguous()
+
+
+def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: int) -> torch.Tensor:
+    """The input seen by kernel row ``i`` of every window: ``(N, g, C/g*kW, oH*oW)``.
+
+    ``out[n, g, (c, j), (p, q)] = xp[n, g*C/g + c, p*sH + i*dH, q*sW + j*dW]``
+    """
+    n, c, kw, hp, ow = rows.shape
+    rows = rows.reshape(n, groups, c // groups * kw, hp, ow)
+    return rows[:, :, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, :].reshape(
+        n, groups, c // groups * kw, oh * ow
+    )
 
 
 def correlate(
@@ -76,19 +88,21 @@ def correlate(
     """Formula (1) without bias on an already padded, batched input.
 
     ``xp``: ``(N, C, Hp, Wp)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
-    im2col gathers every window into a column, then one batched GEMM per group
-    contracts over ``(c, i, j)``.
+    The sum over ``(c, i, j)`` is split by kernel row: for each ``i`` one batched GEMM
+    contracts ``w[:, :, i, :]`` with the input rows that kernel row sees.
     """
     n, c, hp, wp = xp.shape
     o, cg, kh, kw = w.shape
-    oh = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if kh == kw == 1 and stride == (1, 1):
-        cols = xp.reshape(n, c, hp * wp)  # a 1x1 kernel's columns are the input itself
-    else:
-        cols = im2col(xp, (kh, kw), dilation, stride)  # (N, C*kH*kW, L)
-    cols = cols.reshape(n, groups, cg * kh * kw, oh * ow)
-    y = torch.matmul(w.reshape(groups, o // groups, cg * kh * kw), cols)  # (N, g, O/g, L)
+    (sh, sw), (dh, dw) = stride, dilation
+    oh = (hp - dh * (kh - 1) - 1) // sh + 1
+    ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    rows = row_windows(xp, kw, dw, sw, ow)
+    w_rows = w.reshape(groups, o // groups, cg, kh, kw)
+    y = None
+    for i in range(kh):
+        w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw)
+        term = torch.matmul(w_i, kernel_row(rows, groups, i, dh, sh, oh))  # (N, g, O/g, L)
+        y = term if y is None else y + term
     return y.reshape(n, o, oh, ow)
 
 
@@ -143,15 +157,25 @@ def conv_input_grad(
 def conv_weight_grad(
     x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, geo: ConvGeometry
 ) -> torch.Tensor:
-    """Formula (3): dL/dw, the correlation of the padded input with ``g``."""
+    """Formula (3): dL/dw, the correlation of the padded input with ``g``.
+
+    Kernel row by kernel row: ``dw[:, :, i, :] = sum_n g[n] @ kernel_row(x, i)[n]^T``.
+    """
     o, cg, kh, kw = w_shape
-    n = x.shape[0]
-    groups = geo.groups
-    cols = im2col(_pad(x, geo.padding), (kh, kw), geo.dilation, geo.stride)
-    cols = cols.reshape(n, groups, cg * kh * kw, g.shape[2] * g.shape[3])  # (N, g, C/g*kH*kW, L)
-    g = g.reshape(n, groups, o // groups, g.shape[2] * g.shape[3])  # (N, g, O/g, L)
-    gw = torch.matmul(g, cols.transpose(-1, -2)).sum(0)  # sum over n,p,q -> (g, O/g, C/g*kH*kW)
-    return gw.reshape(o, cg, kh, kw)
+    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
+    n, _, oh, ow = g.shape
+    rows = row_windows(_pad(x, geo.padding), kw, dw, sw, ow)
+    g = g.reshape(n, groups, o // groups, oh * ow)  # (N, g, O/g, L)
+    taps = [
+        torch.matmul(g, kernel_row(rows, groups, i, dh, sh, oh).transpose(-1, -2)).sum(0)
+        for i in range(kh)
+    ]  # each (g, O/g, C/g*kW): the sum over n, p, q
+    return (
+        torch.stack(taps, 2)
+        .reshape(groups, o // groups, kh, cg, kw)
+        .transpose(2, 3)
+        .reshape(o, cg, kh, kw)
+    )
 
 
 def conv_bias_grad(g: torch.Tensor) -> torch.Tensor:
