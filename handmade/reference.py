@@ -10,7 +10,8 @@ reads as one term of the textbook sum. It is meant for small float64 cases in te
 
 Conventions shared by all functions:
 
-* ``stride``, ``dilation``, ``kernel_size`` accept an int or an ``(h, w)`` pair.
+* ``stride``, ``dilation``, ``kernel_size`` accept an int or an ``(h, w)`` pair (or a 1-tuple,
+  as torch does); a pool ``stride`` of ``None`` or ``()`` means ``kernel_size``.
 * Pool ``padding`` is an int or ``(ph, pw)`` pair (symmetric, implicit ``-inf`` / zero padding).
 * Conv ``padding`` is an int, an ``(ph, pw)`` pair, or an explicit ``(top, bottom, left, right)``
   4-tuple, so that ``padding='same'`` with an even effective kernel can be expressed; use
@@ -20,14 +21,17 @@ Conventions shared by all functions:
   ``out = floor_or_ceil((H + 2p - d*(k-1) - 1) / s) + 1`` and, with ``ceil_mode``, the last window
   must start inside the input or left padding: ``if (out-1)*s >= H + p: out -= 1``.
 
-Argument validation is minimal (assertions): callers (tests, benchmarks) pass valid arguments;
-the user-facing checks live in :mod:`handmade.functional`.
+NaN and +-inf propagate by IEEE arithmetic, as in torch (NumPy's warnings about them are
+silenced). Argument validation is minimal (assertions): callers (tests, benchmarks) pass valid
+arguments; the user-facing checks live in :mod:`handmade.functional`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -44,23 +48,44 @@ __all__ = [
 
 IntPair = int | Sequence[int]
 ConvPadding = int | Sequence[int]
+_F = TypeVar("_F", bound=Callable)
+
+
+def _ieee(fn: _F) -> _F:
+    """Run ``fn`` with NumPy's floating-point warnings off: NaN/inf propagate as in torch."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    """Return ``value`` as an ``(h, w)`` pair of ints."""
+    """Return ``value`` (an int, a 1-sequence or a pair, as torch accepts) as an ``(h, w)`` pair."""
     if isinstance(value, int | np.integer):
         return int(value), int(value)
     pair = tuple(int(v) for v in value)
-    assert len(pair) == 2, f"{name} must be an int or a pair, got {value!r}"
-    return pair  # type: ignore[return-value]
+    assert len(pair) in (1, 2), f"{name} must be an int or a pair, got {value!r}"
+    return (pair[0], pair[0]) if len(pair) == 1 else pair  # type: ignore[return-value]
+
+
+def _pool_stride(stride: IntPair | None, kernel_size: IntPair) -> tuple[int, int]:
+    """Pool stride; ``None`` or an empty sequence means the kernel size (torch's default)."""
+    if stride is None or (not isinstance(stride, int | np.integer) and len(stride) == 0):
+        return _pair(kernel_size, "kernel_size")
+    return _pair(stride, "stride")
 
 
 def _conv_padding(padding: ConvPadding) -> tuple[int, int, int, int]:
-    """Return conv padding as ``(top, bottom, left, right)``."""
+    """Conv padding (int, 1-tuple, ``(ph, pw)`` or 4-tuple) as ``(top, bottom, left, right)``."""
     if isinstance(padding, int | np.integer):
         p = int(padding)
         return p, p, p, p
     pads = tuple(int(v) for v in padding)
+    if len(pads) == 1:
+        return pads * 4  # type: ignore[return-value]
     if len(pads) == 2:
         return pads[0], pads[0], pads[1], pads[1]
     assert len(pads) == 4, f"padding must be an int, a pair or a 4-tuple, got {padding!r}"
@@ -88,6 +113,7 @@ def _zero_pad(x: np.ndarray, top: int, bottom: int, left: int, right: int) -> np
 # --------------------------------------------------------------------------------------------
 
 
+@_ieee
 def conv2d_forward(
     x: np.ndarray,
     w: np.ndarray,
@@ -144,6 +170,7 @@ def conv2d_forward(
     return y
 
 
+@_ieee
 def conv2d_backward(
     x: np.ndarray,
     w: np.ndarray,
@@ -246,6 +273,7 @@ def pool_output_size(
     return out
 
 
+@_ieee
 def max_pool2d_forward(
     x: np.ndarray,
     kernel_size: IntPair,
@@ -270,7 +298,7 @@ def max_pool2d_forward(
     A window lying wholly in the padding (possible with dilation) has no answer: assertion error.
     """
     (kh, kw) = _pair(kernel_size, "kernel_size")
-    (sh, sw) = _pair(kernel_size if stride is None or stride == [] else stride, "stride")
+    (sh, sw) = _pool_stride(stride, kernel_size)
     (ph, pw), (dh, dw) = _pair(padding, "padding"), _pair(dilation, "dilation")
     n, c, h, wd = x.shape
     ho = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
@@ -295,6 +323,7 @@ def max_pool2d_forward(
     return y, indices
 
 
+@_ieee
 def max_pool2d_backward(
     gy: np.ndarray, indices: np.ndarray, input_shape: Sequence[int]
 ) -> np.ndarray:
@@ -337,7 +366,7 @@ def _avg_pool_windows(
     """
     h, wd = input_hw
     (kh, kw) = _pair(kernel_size, "kernel_size")
-    (sh, sw) = _pair(kernel_size if stride is None or stride == [] else stride, "stride")
+    (sh, sw) = _pool_stride(stride, kernel_size)
     (ph, pw) = _pair(padding, "padding")
     ho = pool_output_size(h, kh, sh, ph, 1, ceil_mode)
     wo = pool_output_size(wd, kw, sw, pw, 1, ceil_mode)
@@ -360,6 +389,7 @@ def _avg_pool_windows(
     return windows
 
 
+@_ieee
 def avg_pool2d_forward(
     x: np.ndarray,
     kernel_size: IntPair,
@@ -375,7 +405,7 @@ def avg_pool2d_forward(
     window.
     """
     (kh, kw) = _pair(kernel_size, "kernel_size")
-    (sh, sw) = _pair(kernel_size if stride is None or stride == [] else stride, "stride")
+    (sh, sw) = _pool_stride(stride, kernel_size)
     (ph, pw) = _pair(padding, "padding")
     n, c, h, wd = x.shape
     ho = pool_output_size(h, kh, sh, ph, 1, ceil_mode)
@@ -393,6 +423,7 @@ def avg_pool2d_forward(
     return y
 
 
+@_ieee
 def avg_pool2d_backward(
     gy: np.ndarray,
     input_shape: Sequence[int],
