@@ -223,17 +223,28 @@ def avg_pool_backward(
 ) -> torch.Tensor:
     """Formula (5): add ``g / D`` to every position of its window, then drop the padding.
 
-    The sum over overlapping windows is col2im (``fold``), the adjoint of reading windows.
+    Windows that do not overlap (stride >= kernel, the common case) tile the padded
+    input: each share is repeated over its window.  Overlapping windows are summed with
+    col2im (``fold``), the adjoint of reading windows.
     """
     (h, w), (kh, kw), (sh, sw), (ph, pw) = input_shape[-2:], geo.kernel, geo.stride, geo.padding
     oh, ow = geo.out
-    planes = math.prod(input_shape[:-2])
-    share = (g / divisor).reshape(planes, 1, oh * ow).expand(planes, kh * kw, oh * ow)
-    # the padded frame: every window fits, and so does the whole (left-padded) input
-    frame = (max((oh - 1) * sh + kh, ph + h), max((ow - 1) * sw + kw, pw + w))
-    gx = F.fold(share, frame, (kh, kw), stride=(sh, sw))  # (M, 1, *frame)
-    gx = gx[:, 0, ph : ph + h, pw : pw + w]  # rows the stride skipped keep their zero gradient
-    return gx.reshape(input_shape)
+    lead = input_shape[:-2]
+    share = g / divisor
+    if sh >= kh and sw >= kw:
+        tiles = share[..., :, None, :, None].expand(*lead, oh, kh, ow, kw)
+        if (sh, sw) != (kh, kw):  # positions between windows get no gradient
+            tiles = F.pad(tiles, (0, sw - kw, 0, 0, 0, sh - kh))
+        frame = tiles.reshape(*lead, oh * sh, ow * sw)
+    else:
+        planes = math.prod(lead)
+        cols = share.reshape(planes, 1, oh * ow).expand(planes, kh * kw, oh * ow)
+        size = ((oh - 1) * sh + kh, (ow - 1) * sw + kw)
+        frame = F.fold(cols, size, (kh, kw), stride=(sh, sw)).reshape(*lead, *size)
+    # drop the padding; rows the windows never reached keep a zero gradient
+    fh, fw = frame.shape[-2:]
+    crop = (-pw, pw + w - fw, -ph, ph + h - fh)
+    return frame if crop == (0, 0, 0, 0) else F.pad(frame, crop)
 
 
 class AvgPool2dFunction(torch.autograd.Function):
