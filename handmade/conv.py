@@ -73,9 +73,9 @@ def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: in
     """
     n, c, kw, hp, ow = rows.shape
     rows = rows.reshape(n, groups, c // groups * kw, hp, ow)
-    return rows[:, :, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, :].reshape(
-        n, groups, c // groups * kw, oh * ow
-    )
+    if not (i == 0 and sh == 1 and oh == hp):  # (a full-range slice would break vmap)
+        rows = rows[:, :, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, :]
+    return rows.reshape(n, groups, c // groups * kw, oh * ow)
 
 
 def correlate(
