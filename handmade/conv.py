@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._utils import _pair, check_input_rank, check_non_negative, check_positive
+from ._utils import _pair, check_input_rank, check_non_negative, check_positive, windows
 
 __all__ = ["Conv2dFunction", "conv2d", "correlate"]
 
@@ -78,6 +78,28 @@ def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: in
     return rows.reshape(n, groups, c // groups * kw, oh * ow)
 
 
+def depthwise_correlate(
+    xp: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out: tuple[int, int],
+) -> torch.Tensor:
+    """Formula (1) for a depthwise kernel (one input channel per output channel).
+
+    With nothing to contract over channels, a GEMM is wasted: the sum over the kernel
+    taps ``(i, j)`` is done as ``kH*kW`` multiply-adds of shifted views of the input.
+    """
+    win = windows(xp, tuple(w.shape[-2:]), stride, dilation, out)  # (N, C, oH, oW, kH, kW)
+    taps = w.reshape(w.shape[0], 1, 1, *w.shape[-2:])
+    y = None
+    for i in range(w.shape[-2]):
+        for j in range(w.shape[-1]):
+            term = win[..., i, j] * taps[..., i, j]
+            y = term if y is None else y + term
+    return y
+
+
 def correlate(
     xp: torch.Tensor,
     w: torch.Tensor,
@@ -96,6 +118,8 @@ def correlate(
     (sh, sw), (dh, dw) = stride, dilation
     oh = (hp - dh * (kh - 1) - 1) // sh + 1
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    if cg == 1 and o == groups:
+        return depthwise_correlate(xp, w, stride, dilation, (oh, ow))
     rows = row_windows(xp, kw, dw, sw, ow)
     w_rows = w.reshape(groups, o // groups, cg, kh, kw)
     y = None
@@ -164,6 +188,10 @@ def conv_weight_grad(
     o, cg, kh, kw = w_shape
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     n, _, oh, ow = g.shape
+    if cg == 1 and o == groups:  # depthwise: one multiply-reduce per kernel tap
+        win = windows(_pad(x, geo.padding), (kh, kw), geo.stride, geo.dilation, (oh, ow))
+        taps = [(g * win[..., i, j]).sum((0, 2, 3)) for i in range(kh) for j in range(kw)]
+        return torch.stack(taps, 1).reshape(o, 1, kh, kw)
     rows = row_windows(_pad(x, geo.padding), kw, dw, sw, ow)
     g = g.reshape(n, groups, o // groups, oh * ow)  # (N, g, O/g, L)
     taps = [
