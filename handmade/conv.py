@@ -51,31 +51,31 @@ class ConvGeometry(NamedTuple):
 
 
 def row_windows(xp: torch.Tensor, kw: int, dw: int, sw: int, ow: int) -> torch.Tensor:
-    """im2col along the width only: ``(N, C, Hp, Wp) -> (N, C, kW, Hp, oW)``.
+    """im2col along the width only: ``(N, C, Hp, Wp) -> (C, kW, Hp, N, oW)``.
 
-    ``rows[n, c, j, u, q] = xp[n, c, u, q*sW + j*dW]``, one copy out of a strided view.
-    Taking the kernel rows ``i`` as slices ``u = p*sH + i*dH`` of this buffer gives every
-    window without materializing the full ``kH*kW``-fold im2col matrix: for stride 1
-    each slice is a free view that a GEMM reads in place.
+    ``rows[c, j, u, n, q] = xp[n, c, u, q*sW + j*dW]``, one copy out of a strided view.
+    Kernel row ``i`` reads the slice ``u = p*sH + i*dH`` of this buffer, so all windows
+    are reachable without the full ``kH*kW``-fold im2col matrix; with the batch inside,
+    each slice is one wide matrix ``(C*kW, oH*N*oW)``, a free view for stride 1.
     """
     n, c, hp, _ = xp.shape
     st = xp.stride()
     view = xp.as_strided(
-        (n, c, kw, hp, ow), (st[0], st[1], st[3] * dw, st[2], st[3] * sw), xp.storage_offset()
+        (c, kw, hp, n, ow), (st[1], st[3] * dw, st[2], st[0], st[3] * sw), xp.storage_offset()
     )
     return view.contiguous()
 
 
 def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: int) -> torch.Tensor:
-    """The input seen by kernel row ``i`` of every window: ``(N, g, C/g*kW, oH*oW)``.
+    """The input seen by kernel row ``i`` of every window: ``(g, C/g*kW, oH*N*oW)``.
 
-    ``out[n, g, (c, j), (p, q)] = xp[n, g*C/g + c, p*sH + i*dH, q*sW + j*dW]``
+    ``out[g, (c, j), (p, n, q)] = xp[n, g*C/g + c, p*sH + i*dH, q*sW + j*dW]``
     """
-    n, c, kw, hp, ow = rows.shape
-    rows = rows.reshape(n, groups, c // groups * kw, hp, ow)
+    c, kw, hp, n, ow = rows.shape
+    rows = rows.reshape(groups, c // groups * kw, hp, n * ow)
     if not (i == 0 and sh == 1 and oh == hp):  # (a full-range slice would break vmap)
-        rows = rows[:, :, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, :]
-    return rows.reshape(n, groups, c // groups * kw, oh * ow)
+        rows = rows[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, :]
+    return rows.reshape(groups, c // groups * kw, oh * n * ow)
 
 
 def depthwise_correlate(
@@ -106,8 +106,9 @@ def correlate(
     stride: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Formula (1) without bias on an already padded, batched input.
+    """Formula (1) on an already padded, batched input.
 
     ``xp``: ``(N, C, Hp, Wp)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
     The sum over ``(c, i, j)`` is split by kernel row: for each ``i`` one batched GEMM
@@ -119,15 +120,19 @@ def correlate(
     oh = (hp - dh * (kh - 1) - 1) // sh + 1
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if cg == 1 and o == groups:
-        return depthwise_correlate(xp, w, stride, dilation, (oh, ow))
+        y = depthwise_correlate(xp, w, stride, dilation, (oh, ow))
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
     rows = row_windows(xp, kw, dw, sw, ow)
     w_rows = w.reshape(groups, o // groups, cg, kh, kw)
     y = None
+    if bias is not None:
+        y = bias.reshape(groups, o // groups, 1).expand(groups, o // groups, oh * n * ow)
+        y = y.clone(memory_format=torch.contiguous_format)  # a fresh accumulator, never `bias`
     for i in range(kh):
         w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw)
-        term = torch.matmul(w_i, kernel_row(rows, groups, i, dh, sh, oh))  # (N, g, O/g, L)
-        y = term if y is None else y + term
-    return y.reshape(n, o, oh, ow)
+        m_i = kernel_row(rows, groups, i, dh, sh, oh)  # (g, C/g*kW, oH*N*oW), a view
+        y = torch.bmm(w_i, m_i) if y is None else y.baddbmm_(w_i, m_i)  # y += w_i @ m_i
+    return y.reshape(o, oh, n, ow).permute(2, 0, 1, 3).contiguous()  # (N, O, oH, oW)
 
 
 def _pad(x: torch.Tensor, pad: Pad4) -> torch.Tensor:
@@ -141,21 +146,27 @@ def conv_forward(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: ConvGeometry
 ) -> torch.Tensor:
     """Formula (1): ``y = correlate(pad(x), w) + b`` on a batched input."""
-    y = correlate(_pad(x, geo.padding), w, geo.stride, geo.dilation, geo.groups)
-    if b is not None:
-        y = y + b.reshape(1, -1, 1, 1)
-    return y
+    return correlate(_pad(x, geo.padding), w, geo.stride, geo.dilation, geo.groups, b)
 
 
 def conv_input_grad(
     g: torch.Tensor, w: torch.Tensor, input_hw: tuple[int, int], geo: ConvGeometry
 ) -> torch.Tensor:
-    """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel."""
+    """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
+
+    Written literally for depthwise kernels: ``g`` is stride-dilated (zeros inserted),
+    padded by ``d*(k-1)`` on both sides, and correlated with the rotated kernel, whose
+    in/out channel roles are swapped.  Other kernels evaluate the same sum in its
+    scatter form (:func:`conv_input_grad_scatter`), which needs no zero-inserted copy of
+    ``g``.
+    """
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
     _, cg, kh, kw = w.shape
     h, wd = input_hw
+    if not (cg == 1 and o == groups):
+        return conv_input_grad_scatter(g, w, input_hw, geo)
     if (sh, sw) != (1, 1):  # stride-dilate g: insert s-1 zeros between its rows/columns
         g_dilated = g.new_zeros(n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1)
         g_dilated[:, :, ::sh, ::sw] = g
@@ -178,6 +189,48 @@ def conv_input_grad(
     return correlate(g, w_rot, (1, 1), (dh, dw), groups)
 
 
+def conv_input_grad_scatter(
+    g: torch.Tensor, w: torch.Tensor, input_hw: tuple[int, int], geo: ConvGeometry
+) -> torch.Tensor:
+    """Formula (4) as a scatter: every output gradient ``g[n,o,p,q]`` sends
+    ``g * w[o,c,i,j]`` back to the input pixel its window read, ``(p*s+i*d, q*s+j*d)``.
+
+    Per kernel row ``i`` one GEMM ``w[:, :, i, :]^T @ g`` gives the gradient of the
+    row buffer of :func:`row_windows`; adding those rows back where they were read
+    (first along the height, then along the width) is exactly the full convolution
+    with the rotated kernel, without materializing the zero-inserted, padded ``g``.
+    """
+    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
+    top, bottom, left, right = geo.padding
+    n, o, oh, ow = g.shape
+    _, cg, kh, kw = w.shape
+    hp, wp = input_hw[0] + top + bottom, input_hw[1] + left + right
+    g_rows = g.permute(1, 2, 0, 3).reshape(groups, o // groups, oh * n * ow)  # g[o, (p, n, q)]
+    w_rows = w.reshape(groups, o // groups, cg, kh, kw)
+    d_rows = g.new_zeros(groups, cg * kw, hp, n * ow)  # dL/d(row buffer)
+    for i in range(kh):
+        w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw)
+        d_i = torch.bmm(w_i.transpose(1, 2), g_rows).reshape(groups, cg * kw, oh, n * ow)
+        d_rows = _add_at(d_rows, 2, i * dh, oh, sh, d_i)
+    d_rows = d_rows.reshape(groups * cg, kw, hp, n, ow)
+    dxp = g.new_zeros(n, groups * cg, hp, wp)
+    for j in range(kw):
+        dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows[:, j].permute(2, 0, 1, 3))
+    return _pad(dxp, (-top, -bottom, -left, -right))  # the padding's gradient is dropped
+
+
+def _add_at(
+    buf: torch.Tensor, dim: int, start: int, length: int, step: int, value: torch.Tensor
+) -> torch.Tensor:
+    """``buf[..., start : start + length*step : step, ...] += value`` along ``dim``."""
+    if start == 0 and step == 1 and length == buf.shape[dim]:
+        return buf + value  # (a full-range slice would break vmap)
+    index = [slice(None)] * buf.dim()
+    index[dim] = slice(start, start + (length - 1) * step + 1, step)
+    buf[tuple(index)] += value
+    return buf
+
+
 def conv_weight_grad(
     x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, geo: ConvGeometry
 ) -> torch.Tensor:
@@ -193,11 +246,11 @@ def conv_weight_grad(
         taps = [(g * win[..., i, j]).sum((0, 2, 3)) for i in range(kh) for j in range(kw)]
         return torch.stack(taps, 1).reshape(o, 1, kh, kw)
     rows = row_windows(_pad(x, geo.padding), kw, dw, sw, ow)
-    g = g.reshape(n, groups, o // groups, oh * ow)  # (N, g, O/g, L)
+    g = g.permute(1, 2, 0, 3).reshape(groups, o // groups, oh * n * ow)  # g[o, (p, n, q)]
     taps = [
-        torch.matmul(g, kernel_row(rows, groups, i, dh, sh, oh).transpose(-1, -2)).sum(0)
+        torch.matmul(g, kernel_row(rows, groups, i, dh, sh, oh).transpose(-1, -2))
         for i in range(kh)
-    ]  # each (g, O/g, C/g*kW): the sum over n, p, q
+    ]  # each (g, O/g, C/g*kW): the sum over n, p, q in one GEMM
     return (
         torch.stack(taps, 2)
         .reshape(groups, o // groups, kh, cg, kw)
