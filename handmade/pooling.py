@@ -100,33 +100,42 @@ def _first_in_bounds(
 
 
 def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Formula (1): the window maxima and their flat indices into each ``H*W`` plane."""
+    """Formula (1): the window maxima and their flat indices into each ``H*W`` plane.
+
+    One pass per kernel tap over output-sized views (no copy of the windows): the
+    running ``maximum`` (which propagates NaN) gives ``y``; then, scanning the taps
+    backwards, the index of the first tap equal to ``y`` -- torch's winner among ties.
+    """
     (h, w), (kh, kw), (oh, ow) = x.shape[-2:], geo.kernel, geo.out
     (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
     lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
     win = windows(_padded(x, geo, lowest), geo.kernel, geo.stride, geo.dilation, geo.out)
-    win = win.reshape(*x.shape[:-2], oh, ow, kh * kw)
-    y, k = win.max(-1)  # value and offset of the first maximum (NaN counts as a maximum)
+    taps = [(i, j) for i in range(kh) for j in range(kw)]  # row-major, torch's scan order
+    y = win[..., 0, 0]
+    for i, j in taps[1:]:
+        y = torch.maximum(y, win[..., i, j])
+    # flat index of tap (i, j) of window (p, q): (p*sH - pH + i*dH) * W + (q*sW - pW + j*dW)
+    p, q = torch.arange(oh, device=x.device), torch.arange(ow, device=x.device)
+    base = ((p * sh - ph) * w).view(-1, 1) + (q * sw - pw).view(1, -1)
+    index = base + ((kh - 1) * dh * w + (kw - 1) * dw)
+    for i, j in reversed(taps[:-1]):
+        index = torch.where(win[..., i, j] == y, base + (i * dh * w + j * dw), index)
     if ph or pw:
         # A window whose in-bounds values are all -inf ties with its padding: torch returns
-        # the first in-bounds position.
-        fi = _first_in_bounds(oh, kh, sh, ph, dh, h)
-        fj = _first_in_bounds(ow, kw, sw, pw, dw, w)
-        first = torch.tensor(fi, device=x.device).view(-1, 1) * kw + torch.tensor(
-            fj, device=x.device
-        ).view(1, -1)
-        k = torch.where(y == lowest, first, k)
+        # its first in-bounds position.
+        fi = torch.tensor(_first_in_bounds(oh, kh, sh, ph, dh, h), device=x.device)
+        fj = torch.tensor(_first_in_bounds(ow, kw, sw, pw, dw, w), device=x.device)
+        first = base + (fi * dh * w).view(-1, 1) + (fj * dw).view(1, -1)
+        index = torch.where(y == lowest, first, index)
     if x.is_floating_point():
         nan_windows = y.isnan()
         if nan_windows.any():  # torch's scan keeps the *last* NaN of a window
-            rank = torch.arange(1, kh * kw + 1, device=x.device)
-            k = torch.where(nan_windows, (win.isnan() * rank).argmax(-1), k)
-    # window offset k = i*kW + j  ->  flat index (p*sH - pH + i*dH) * W + (q*sW - pW + j*dW)
-    i, j = torch.arange(kh, device=x.device), torch.arange(kw, device=x.device)
-    offset = ((i * dh * w).view(-1, 1) + (j * dw).view(1, -1)).reshape(-1)
-    p, q = torch.arange(oh, device=x.device), torch.arange(ow, device=x.device)
-    base = ((p * sh - ph) * w).view(-1, 1) + (q * sw - pw).view(1, -1)
-    return y, base + offset[k]
+            for i, j in taps:
+                nan_here = nan_windows & win[..., i, j].isnan()
+                index = torch.where(nan_here, base + (i * dh * w + j * dw), index)
+    # (a 1x1 window's maximum is a view of the input: copy it)
+    y = y.clone(memory_format=torch.contiguous_format) if kh * kw == 1 else y.contiguous()
+    return y, index.expand(y.shape).contiguous()
 
 
 def max_pool_backward(
@@ -210,9 +219,20 @@ def avg_divisor(
 def avg_pool_forward(
     x: torch.Tensor, geo: PoolGeometry, divisor: torch.Tensor | int
 ) -> torch.Tensor:
-    """Formula (4): window sums of the zero-padded input, divided by ``D``."""
+    """Formula (4): window sums of the zero-padded input, divided by ``D``.
+
+    Small windows are summed tap by tap over output-sized views, in torch's row-major
+    order; large ones (global pooling) by one reduction.
+    """
     win = windows(_padded(x, geo, 0.0), geo.kernel, geo.stride, geo.dilation, geo.out)
-    sums = win.sum((-2, -1))
+    (kh, kw) = geo.kernel
+    if kh * kw > 16 or kh * kw == 1:
+        sums = win.sum((-2, -1))
+    else:
+        taps = [win[..., i, j] for i in range(kh) for j in range(kw)]
+        sums = taps[0] + taps[1]
+        for tap in taps[2:]:
+            sums += tap
     if not x.is_floating_point():  # torch divides integer sums with C++ integer division
         return torch.div(sums, divisor, rounding_mode="trunc")
     return sums / divisor
