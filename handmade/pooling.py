@@ -114,28 +114,29 @@ def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, 
     y = win[..., 0, 0]
     for i, j in taps[1:]:
         y = torch.maximum(y, win[..., i, j])
-    # flat index of tap (i, j) of window (p, q): (p*sH - pH + i*dH) * W + (q*sW - pW + j*dW)
-    p, q = torch.arange(oh, device=x.device), torch.arange(ow, device=x.device)
-    base = ((p * sh - ph) * w).view(-1, 1) + (q * sw - pw).view(1, -1)
-    index = base + ((kh - 1) * dh * w + (kw - 1) * dw)
-    for i, j in reversed(taps[:-1]):
-        index = torch.where(win[..., i, j] == y, base + (i * dh * w + j * dw), index)
+    # the winner's tap number t = i*kW + j, as the first tap equal to the maximum
+    tap = torch.full((), len(taps) - 1, dtype=torch.uint8, device=x.device)
+    for t in reversed(range(len(taps) - 1)):
+        tap = torch.where(win[..., taps[t][0], taps[t][1]] == y, t, tap)
     if ph or pw:
         # A window whose in-bounds values are all -inf ties with its padding: torch returns
         # its first in-bounds position.
         fi = torch.tensor(_first_in_bounds(oh, kh, sh, ph, dh, h), device=x.device)
         fj = torch.tensor(_first_in_bounds(ow, kw, sw, pw, dw, w), device=x.device)
-        first = base + (fi * dh * w).view(-1, 1) + (fj * dw).view(1, -1)
-        index = torch.where(y == lowest, first, index)
+        tap = torch.where(y == lowest, (fi.view(-1, 1) * kw + fj.view(1, -1)).to(tap.dtype), tap)
     if x.is_floating_point():
         nan_windows = y.isnan()
         if nan_windows.any():  # torch's scan keeps the *last* NaN of a window
-            for i, j in taps:
-                nan_here = nan_windows & win[..., i, j].isnan()
-                index = torch.where(nan_here, base + (i * dh * w + j * dw), index)
+            for t, (i, j) in enumerate(taps):
+                tap = torch.where(nan_windows & win[..., i, j].isnan(), t, tap)
+    # flat index of tap (i, j) of window (p, q): (p*sH - pH + i*dH) * W + (q*sW - pW + j*dW)
+    p, q = torch.arange(oh, device=x.device), torch.arange(ow, device=x.device)
+    base = ((p * sh - ph) * w).view(-1, 1) + (q * sw - pw).view(1, -1)
+    offset = torch.tensor([i * dh * w + j * dw for i, j in taps], device=x.device)
+    index = base + offset.take(tap.expand(y.shape).long())
     # (a 1x1 window's maximum is a view of the input: copy it)
     y = y.clone(memory_format=torch.contiguous_format) if kh * kw == 1 else y.contiguous()
-    return y, index.expand(y.shape).contiguous()
+    return y, index
 
 
 def max_pool_backward(
