@@ -1,0 +1,5 @@
+"""``python -m parity``: see :mod:`parity.cli`."""
+
+from .cli import main
+
+raise SystemExit(main())

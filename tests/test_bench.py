@@ -1,0 +1,89 @@
+"""Smoke tests of ``python -m parity bench`` (no timing assertions: the command checks targets)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from parity import bench
+
+ROW_KEYS = {
+    "case",
+    "group",
+    "shape",
+    "pass",
+    "candidate",
+    "torch_s",
+    "handmade_s",
+    "ratio",
+    "torch_peak_bytes",
+    "handmade_peak_bytes",
+    "memory_ratio",
+}
+
+
+def test_quick_run_writes_valid_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--threads", "1", "--min-run-time", "0.005", "--no-progress"]
+    status = bench.main([*argv, "--json", str(out)])
+    assert status == 0
+
+    data = json.loads(out.read_text())
+    assert set(data) == {"machine", "settings", "rows", "summary"}
+    assert {"cpu", "logical_cpus", "torch_threads", "torch", "device"} <= set(data["machine"])
+    assert data["machine"]["torch_threads"] == 1
+    assert set(data["summary"]["targets"]) == set(bench.TARGETS)
+
+    rows = data["rows"]
+    expected_rows = sum(1 if isinstance(c, bench.TrainCase) else 2 for c in bench.quick_cases())
+    assert len(rows) == expected_rows
+    assert {r["group"] for r in rows} == {"conv", "pool", "train", "reference"}
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        assert row["pass"] in ("fwd", "fwd+bwd", "step")
+        for key in ("torch_s", "handmade_s", "ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["case"], key)
+        assert math.isclose(row["ratio"], row["handmade_s"] / row["torch_s"])
+        assert row["torch_peak_bytes"] > 0 and row["handmade_peak_bytes"] > 0, row["case"]
+        assert (row["memory_ratio"] is None) == (row["candidate"] == "numpy-reference")
+
+    printed = capsys.readouterr().out
+    assert "targets:" in printed and "lenet train step" in printed
+
+
+def test_filter_selects_cases(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--filter", "AVGPOOL", "--min-run-time", "0.005", "--no-progress"]
+    assert bench.main([*argv, "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all("avgpool" in r["case"] for r in rows)
+    targets = json.loads(out.read_text())["summary"]["targets"]
+    assert targets["train_step_ratio_max"]["ok"] is None  # no training rows selected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--filter", "no-such-case"], ["--threads", "0"], ["--min-run-time", "-1"], ["--bogus"]],
+)
+def test_bad_arguments_exit_with_usage_error(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", *argv])
+    assert exc.value.code == 2
+
+
+def test_cpu_peak_memory_tracks_live_bytes() -> None:
+    """The profiler-based peak sees simultaneous live allocations, not their sum or the end."""
+
+    def allocate() -> tuple:
+        first = torch.empty(1_000_000, dtype=torch.uint8)
+        second = torch.empty(2_000_000, dtype=torch.uint8)
+        del first  # live: 3 MB here, 2 MB after
+        third = torch.empty(500_000, dtype=torch.uint8)
+        return second, third
+
+    peak = bench.peak_memory(allocate, torch.device("cpu"))
+    assert 3_000_000 <= peak < 3_100_000
