@@ -227,15 +227,20 @@ def avg_pool_forward(
     """
     win = windows(_padded(x, geo, 0.0), geo.kernel, geo.stride, geo.dilation, geo.out)
     (kh, kw) = geo.kernel
+    low_precision = x.dtype in (torch.float16, torch.bfloat16)
+    acc = torch.float32 if low_precision else None  # sum as torch does, in float32
     if kh * kw > 16 or kh * kw == 1:
-        sums = win.sum((-2, -1))
+        sums = win.sum((-2, -1), dtype=acc)
     else:
         taps = [win[..., i, j] for i in range(kh) for j in range(kw)]
-        sums = taps[0] + taps[1]
+        sums = taps[0].to(acc) + taps[1] if acc else taps[0] + taps[1]
         for tap in taps[2:]:
             sums += tap
     if not x.is_floating_point():  # torch divides integer sums with C++ integer division
         return torch.div(sums, divisor, rounding_mode="trunc")
+    if low_precision:
+        divisor = divisor.float() if isinstance(divisor, torch.Tensor) else divisor
+        return (sums / divisor).to(x.dtype)
     return sums / divisor
 
 
