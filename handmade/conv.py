@@ -149,8 +149,18 @@ def conv_forward(
     return correlate(_pad(x, geo.padding), w, geo.stride, geo.dilation, geo.groups, b)
 
 
+def gradient_rows(g: torch.Tensor, groups: int) -> torch.Tensor:
+    """``g`` laid out like the GEMM outputs of :func:`correlate`: ``(g, O/g, oH*N*oW)``."""
+    n, o, oh, ow = g.shape
+    return g.permute(1, 2, 0, 3).reshape(groups, o // groups, oh * n * ow)
+
+
 def conv_input_grad(
-    g: torch.Tensor, w: torch.Tensor, input_hw: tuple[int, int], geo: ConvGeometry
+    g: torch.Tensor,
+    w: torch.Tensor,
+    input_hw: tuple[int, int],
+    geo: ConvGeometry,
+    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
 
@@ -166,7 +176,7 @@ def conv_input_grad(
     _, cg, kh, kw = w.shape
     h, wd = input_hw
     if not (cg == 1 and o == groups):
-        return conv_input_grad_scatter(g, w, input_hw, geo)
+        return conv_input_grad_scatter(g, w, input_hw, geo, g_rows)
     if (sh, sw) != (1, 1):  # stride-dilate g: insert s-1 zeros between its rows/columns
         g_dilated = g.new_zeros(n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1)
         g_dilated[:, :, ::sh, ::sw] = g
@@ -190,7 +200,11 @@ def conv_input_grad(
 
 
 def conv_input_grad_scatter(
-    g: torch.Tensor, w: torch.Tensor, input_hw: tuple[int, int], geo: ConvGeometry
+    g: torch.Tensor,
+    w: torch.Tensor,
+    input_hw: tuple[int, int],
+    geo: ConvGeometry,
+    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (4) as a scatter: every output gradient ``g[n,o,p,q]`` sends
     ``g * w[o,c,i,j]`` back to the input pixel its window read, ``(p*s+i*d, q*s+j*d)``.
@@ -205,7 +219,7 @@ def conv_input_grad_scatter(
     n, o, oh, ow = g.shape
     _, cg, kh, kw = w.shape
     hp, wp = input_hw[0] + top + bottom, input_hw[1] + left + right
-    g_rows = g.permute(1, 2, 0, 3).reshape(groups, o // groups, oh * n * ow)  # g[o, (p, n, q)]
+    g_rows = gradient_rows(g, groups) if g_rows is None else g_rows  # g[o, (p, n, q)]
     w_rows = w.reshape(groups, o // groups, cg, kh, kw)
     d_rows = g.new_zeros(groups, cg * kw, hp, n * ow)  # dL/d(row buffer)
     for i in range(kh):
@@ -232,7 +246,11 @@ def _add_at(
 
 
 def conv_weight_grad(
-    x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, geo: ConvGeometry
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w_shape: torch.Size,
+    geo: ConvGeometry,
+    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3): dL/dw, the correlation of the padded input with ``g``.
 
@@ -246,7 +264,7 @@ def conv_weight_grad(
         taps = [(g * win[..., i, j]).sum((0, 2, 3)) for i in range(kh) for j in range(kw)]
         return torch.stack(taps, 1).reshape(o, 1, kh, kw)
     rows = row_windows(_pad(x, geo.padding), kw, dw, sw, ow)
-    g = g.permute(1, 2, 0, 3).reshape(groups, o // groups, oh * n * ow)  # g[o, (p, n, q)]
+    g = gradient_rows(g, groups) if g_rows is None else g_rows  # g[o, (p, n, q)]
     taps = [
         torch.matmul(g, kernel_row(rows, groups, i, dh, sh, oh).transpose(-1, -2))
         for i in range(kh)
@@ -301,11 +319,14 @@ class Conv2dFunction(torch.autograd.Function):
         if unbatched:
             x, g = x.unsqueeze(0), g.unsqueeze(0)
         gx = gw = gb = None
+        g_rows = None  # shared by (3) and (4)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            g_rows = gradient_rows(g, geo.groups)
         if ctx.needs_input_grad[0]:
-            gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
+            gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo, g_rows)  # (4)
             gx = gx.squeeze(0) if unbatched else gx
         if ctx.needs_input_grad[1]:
-            gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
+            gw = conv_weight_grad(x, g, weight.shape, geo, g_rows)  # (3)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = conv_bias_grad(g)  # (2)
         return gx, gw, gb, None
