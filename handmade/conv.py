@@ -92,11 +92,11 @@ def depthwise_correlate(
     """
     win = windows(xp, tuple(w.shape[-2:]), stride, dilation, out)  # (N, C, oH, oW, kH, kW)
     taps = w.reshape(w.shape[0], 1, 1, *w.shape[-2:])
-    y = None
+    y = win[..., 0, 0] * taps[..., 0, 0]
     for i in range(w.shape[-2]):
         for j in range(w.shape[-1]):
-            term = win[..., i, j] * taps[..., i, j]
-            y = term if y is None else y + term
+            if i or j:
+                y = y.addcmul_(win[..., i, j], taps[..., i, j])  # y += x_shifted * w_tap
     return y
 
 

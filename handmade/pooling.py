@@ -28,7 +28,6 @@ so double backward works through autograd; the winners are saved from the forwar
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -250,8 +249,8 @@ def avg_pool_backward(
     """Formula (5): add ``g / D`` to every position of its window, then drop the padding.
 
     Windows that do not overlap (stride >= kernel, the common case) tile the padded
-    input: each share is repeated over its window.  Overlapping windows are summed with
-    col2im (``fold``), the adjoint of reading windows.
+    input: each share is repeated over its window.  Overlapping windows are summed tap
+    by tap, the adjoint of reading them.
     """
     (h, w), (kh, kw), (sh, sw), (ph, pw) = input_shape[-2:], geo.kernel, geo.stride, geo.padding
     oh, ow = geo.out
@@ -262,11 +261,12 @@ def avg_pool_backward(
         if (sh, sw) != (kh, kw):  # positions between windows get no gradient
             tiles = F.pad(tiles, (0, sw - kw, 0, 0, 0, sh - kh))
         frame = tiles.reshape(*lead, oh * sh, ow * sw)
-    else:
-        planes = math.prod(lead)
-        cols = share.reshape(planes, 1, oh * ow).expand(planes, kh * kw, oh * ow)
+    else:  # overlapping windows: add each window tap's share where that tap read
         size = ((oh - 1) * sh + kh, (ow - 1) * sw + kw)
-        frame = F.fold(cols, size, (kh, kw), stride=(sh, sw)).reshape(*lead, *size)
+        frame = share.new_zeros(*lead, *size)
+        for i in range(kh):
+            for j in range(kw):
+                frame[..., i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw] += share
     # drop the padding; rows the windows never reached keep a zero gradient
     fh, fw = frame.shape[-2:]
     crop = (-pw, pw + w - fw, -ph, ph + h - fh)
