@@ -259,10 +259,6 @@ def conv_weight_grad(
     o, cg, kh, kw = w_shape
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     n, _, oh, ow = g.shape
-    if cg == 1 and o == groups:  # depthwise: one multiply-reduce per kernel tap
-        win = windows(_pad(x, geo.padding), (kh, kw), geo.stride, geo.dilation, (oh, ow))
-        taps = [(g * win[..., i, j]).sum((0, 2, 3)) for i in range(kh) for j in range(kw)]
-        return torch.stack(taps, 1).reshape(o, 1, kh, kw)
     rows = row_windows(_pad(x, geo.padding), kw, dw, sw, ow)
     g = gradient_rows(g, groups) if g_rows is None else g_rows  # g[o, (p, n, q)]
     taps = [
