@@ -114,9 +114,9 @@ def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, 
     for i, j in taps[1:]:
         y = torch.maximum(y, win[..., i, j])
     # the winner's tap number t = i*kW + j, as the first tap equal to the maximum
-    tap = torch.full((), len(taps) - 1, dtype=torch.uint8, device=x.device)
+    tap = torch.full(y.shape, len(taps) - 1, dtype=torch.uint8, device=x.device)
     for t in reversed(range(len(taps) - 1)):
-        tap = torch.where(win[..., taps[t][0], taps[t][1]] == y, t, tap)
+        tap.masked_fill_(win[..., taps[t][0], taps[t][1]] == y, t)
     if ph or pw:
         # A window whose in-bounds values are all -inf ties with its padding: torch returns
         # its first in-bounds position.
@@ -132,7 +132,7 @@ def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, 
     p, q = torch.arange(oh, device=x.device), torch.arange(ow, device=x.device)
     base = ((p * sh - ph) * w).view(-1, 1) + (q * sw - pw).view(1, -1)
     offset = torch.tensor([i * dh * w + j * dw for i, j in taps], device=x.device)
-    index = base + offset.take(tap.expand(y.shape).long())
+    index = base + offset.take(tap.long())
     # (a 1x1 window's maximum is a view of the input: copy it)
     y = y.clone(memory_format=torch.contiguous_format) if kh * kw == 1 else y.contiguous()
     return y, index
