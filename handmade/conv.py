@@ -16,10 +16,18 @@ Differentiating (1) term by term:
                          w[:, :, ::-1, ::-1] whose in/out channel roles are swapped,
                          then cropped back to the unpadded input.
 
-Every formula is computed by :func:`correlate` (one GEMM over im2col columns), so the
-backward of a convolution literally is another convolution with swapped roles and a
-flipped kernel.  The backward is built from differentiable elementary ops, so autograd
-can differentiate it again (double backward); the forward-mode rule uses bilinearity:
+Where each is computed:
+
+    (1) :func:`conv_forward` -> :func:`correlate`: a width-only im2col (:func:`row_windows`)
+        and one GEMM per kernel row ``i`` over the rows that row reads (:func:`kernel_row`).
+    (2) :func:`conv_bias_grad`: one reduction.
+    (3) :func:`conv_weight_grad`: per kernel row, one GEMM of ``g`` with the same rows.
+    (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel
+        (a call to :func:`correlate`) for depthwise kernels; otherwise the same sum in its
+        scatter form, :func:`conv_input_grad_scatter`, which needs no zero-inserted copy of g.
+
+The backward is built from differentiable elementary ops, so autograd can differentiate it
+again (double backward); the forward-mode rule uses bilinearity:
 
     (5) dy = conv(dx, w) + conv(x, dw) + db
 """
