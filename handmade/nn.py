@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import nn
 
-from . import functional as F
+from . import functional as hf
 
 __all__ = ["AvgPool2d", "Conv2d", "MaxPool2d"]
 
@@ -33,15 +33,15 @@ class Conv2d(nn.Conv2d):
             padded = torch_F.pad(
                 input, self._reversed_padding_repeated_twice, mode=self.padding_mode
             )
-            return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return hf.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return hf.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class MaxPool2d(nn.MaxPool2d):
     """:class:`torch.nn.MaxPool2d` computed by :func:`handmade.functional.max_pool2d`."""
 
     def forward(self, input: torch.Tensor):
-        return F.max_pool2d(
+        return hf.max_pool2d(
             input,
             self.kernel_size,
             self.stride,
@@ -56,7 +56,7 @@ class AvgPool2d(nn.AvgPool2d):
     """:class:`torch.nn.AvgPool2d` computed by :func:`handmade.functional.avg_pool2d`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(
+        return hf.avg_pool2d(
             input,
             self.kernel_size,
             self.stride,
