@@ -71,7 +71,7 @@ class _Op(torch.autograd.Function):
         grads = _torch_grads(recipe["op"], recipe["kw"], tensors, g)
         mutate = recipe.get("backward")
         if mutate is not None:
-            grads = mutate(tensors, grads, g)
+            grads = mutate(tensors, grads, g, recipe["kw"])
         if recipe.get("detach_backward"):
             grads = [None if t is None else t.detach() for t in grads]
         grads = [
@@ -192,7 +192,7 @@ def conv2d_kernel_not_rotated(input, weight, bias=None, stride=1, padding=0, dil
     """Backward: the input gradient uses the unrotated kernel."""
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
-    def mutate(tensors, grads, g):
+    def mutate(tensors, grads, g, _kw):
         x, w, b = tensors
         grads[0] = _torch_grads(F.conv2d, kw, (x, w.flip(-2, -1), b), g)[0]
         return grads
@@ -200,7 +200,7 @@ def conv2d_kernel_not_rotated(input, weight, bias=None, stride=1, padding=0, dil
     return _Op.apply({"op": F.conv2d, "kw": kw, "backward": mutate}, input, weight, bias)
 
 
-def _bias_first_sample(tensors, grads, g):
+def _bias_first_sample(tensors, grads, g, _kw):
     if grads[2] is not None:
         grads[2] = g[0].sum((-2, -1)) if g.dim() == 4 else g.sum((-2, -1))
     return grads
@@ -282,7 +282,7 @@ def _pool_windows(x: torch.Tensor, kw: dict, fill: float):
 def _grad_to_every_tie(kw: dict) -> Mutation:
     """A mutation sending each window's gradient to every element equal to its maximum."""
 
-    def mutate(tensors, grads, g):
+    def mutate(tensors, grads, g, _kw):
         (x,) = tensors
         cols, frame, (ph, pw), out, kernel, stride, dilation = _pool_windows(x, kw, float("-inf"))
         y = F.max_pool2d(x.detach(), **kw).reshape(-1, 1, out[0] * out[1])
@@ -388,31 +388,13 @@ def avg_pool2d_count_include_pad_ignored(
     return F.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, True, divisor_override)
 
 
-def avg_pool2d_backward_not_divided(
-    input,
-    kernel_size,
-    stride=None,
-    padding=0,
-    ceil_mode=False,
-    count_include_pad=True,
-    divisor_override=None,
-):
+def _spread_undivided(tensors, grads, g, kw):
     """Backward: spreads each upstream gradient without dividing by the window size."""
-    kw = dict(
-        kernel_size=kernel_size,
-        stride=stride,
-        padding=padding,
-        ceil_mode=ceil_mode,
-        count_include_pad=count_include_pad,
-        divisor_override=divisor_override,
-    )
+    grads[0] = _torch_grads(F.avg_pool2d, {**kw, "divisor_override": 1}, tensors, g)[0]
+    return grads
 
-    def mutate(tensors, grads, g):
-        undivided = {**kw, "divisor_override": 1}
-        grads[0] = _torch_grads(F.avg_pool2d, undivided, tensors, g)[0]
-        return grads
 
-    return _Op.apply({"op": F.avg_pool2d, "kw": kw, "backward": mutate}, input)
+avg_pool2d_backward_not_divided = _avg_pool(backward=_spread_undivided)
 
 
 def avg_pool2d_value_error(
