@@ -454,7 +454,7 @@ def conv2d(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
 ) -> torch.Tensor:
-    r"""2-d cross-correlation, a drop-in for :func:`torch.nn.functional.conv2d`.
+    r"""2-d cross-correlation, a drop-in for ``conv2d`` of :mod:`torch.nn.functional`.
 
     Args:
         input: ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``.

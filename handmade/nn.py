@@ -20,7 +20,7 @@ __all__ = ["AvgPool2d", "Conv2d", "MaxPool2d"]
 
 
 class Conv2d(nn.Conv2d):
-    """:class:`torch.nn.Conv2d` computed by :func:`handmade.functional.conv2d`.
+    """:class:`torch.nn.Conv2d` computed by ``conv2d`` of :mod:`handmade.functional`.
 
     All four ``padding_mode`` values work: ``'zeros'`` pads inside the op; ``'reflect'``,
     ``'replicate'`` and ``'circular'`` pad the input first (an elementary pad), as torch does.
@@ -38,7 +38,7 @@ class Conv2d(nn.Conv2d):
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """:class:`torch.nn.MaxPool2d` computed by :func:`handmade.functional.max_pool2d`."""
+    """:class:`torch.nn.MaxPool2d` computed by ``max_pool2d`` of :mod:`handmade.functional`."""
 
     def forward(self, input: torch.Tensor):
         return hf.max_pool2d(
@@ -53,7 +53,7 @@ class MaxPool2d(nn.MaxPool2d):
 
 
 class AvgPool2d(nn.AvgPool2d):
-    """:class:`torch.nn.AvgPool2d` computed by :func:`handmade.functional.avg_pool2d`."""
+    """:class:`torch.nn.AvgPool2d` computed by ``avg_pool2d`` of :mod:`handmade.functional`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return hf.avg_pool2d(

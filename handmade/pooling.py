@@ -323,7 +323,7 @@ def max_pool2d(
     ceil_mode: bool = False,
     return_indices: bool = False,
 ):
-    r"""2-d max pooling, a drop-in for :func:`torch.nn.functional.max_pool2d`.
+    r"""2-d max pooling, a drop-in for ``max_pool2d`` of :mod:`torch.nn.functional`.
 
     Args:
         input: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
@@ -357,7 +357,7 @@ def avg_pool2d(
     count_include_pad: bool = True,
     divisor_override: int | None = None,
 ) -> torch.Tensor:
-    r"""2-d average pooling, a drop-in for :func:`torch.nn.functional.avg_pool2d`.
+    r"""2-d average pooling, a drop-in for ``avg_pool2d`` of :mod:`torch.nn.functional`.
 
     Args:
         input: ``(N, C, H, W)`` or unbatched ``(C, H, W)``.
