@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import logging
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -54,6 +52,8 @@ from tqdm import tqdm
 import handmade.functional as handmade_F
 from handmade import reference
 from handmade.models import LeNet5
+
+from ._io import write_json_atomic
 
 RESNET_BATCH = 4  # keeps the ResNet-style shapes to a few minutes on 2 CPU cores
 TARGETS = {
@@ -593,21 +593,6 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
     return info
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
@@ -714,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [r.to_json() for r in rows],
             "summary": summary,
         }
-        _write_json(args.json, payload)
+        write_json_atomic(args.json, payload)
         print(f"\nwrote {args.json}")
     missed = any(t["ok"] is False for t in summary["targets"].values())
     return 1 if args.strict and missed else 0

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ._io import write_json_atomic
 from .cases import OPS
 from .checks import CHECKS, DEFAULT_CHECKS, applies
 from .runner import Impl, Report, Row, plan, run
@@ -285,22 +284,6 @@ def _print_failures(report: Report, show: int) -> None:
         print(minimal.snippet)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same directory, then rename."""
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _payload(
     args: argparse.Namespace,
     impls: dict[str, Impl],
@@ -407,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     _print_failures(report, args.show)
     if args.json is not None:
-        _write_json(args.json, _payload(args, impls, checks, report, argv))
+        write_json_atomic(args.json, _payload(args, impls, checks, report, argv), allow_nan=False)
     if failed:
         print(
             f"\nFAILED: {len(failed)} of {len(report.rows)} rows "

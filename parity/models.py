@@ -20,10 +20,7 @@ differs by up to 5e-3 on DenseNet), so the default input sizes keep >= 2x2 pixel
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ._io import write_json_atomic
 
 __all__ = ["MODELS", "ModelResult", "ModelSpec", "build", "compare_model", "main"]
 
@@ -237,20 +236,6 @@ def _line(r: ModelResult) -> str:
     )
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m parity models``; returns the exit status."""
     parser = _parser()
@@ -295,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("-" * len(_HEADER))
     failed = [r for r in results if not r.passed]
     if args.json is not None:
-        _write_json(
+        write_json_atomic(
             args.json,
             {
                 "passed": not failed,
