@@ -134,21 +134,6 @@ def pool_geometry(
     return oh, ow
 
 
-def window_span(kernel: int, dilation: int) -> int:
-    """Extent of a dilated window: ``dilation*(kernel-1) + 1``."""
-    return dilation * (kernel - 1) + 1
-
-
-def end_padding(size: int, out: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    """Padding needed after the input so that all ``out`` windows fit.
-
-    Equals ``pad`` except in ``ceil_mode`` (the last window may run past it) or when the
-    stride leaves trailing rows that no window reads (then less is needed; negative values
-    crop them).
-    """
-    return (out - 1) * stride + window_span(kernel, dilation) - pad - size
-
-
 def windows(
     xp: torch.Tensor,
     kernel: tuple[int, int],

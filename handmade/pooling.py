@@ -37,7 +37,6 @@ from ._utils import (
     _pair,
     check_input_rank,
     check_pool_args,
-    end_padding,
     pool_geometry,
     windows,
 )
@@ -55,22 +54,67 @@ class PoolGeometry(NamedTuple):
     out: tuple[int, int]
 
 
-def _padded(x: torch.Tensor, geo: PoolGeometry, value: float) -> torch.Tensor:
-    """Pad ``x`` so that every window of ``geo`` lies inside it (ceil_mode windows included)."""
-    (h, w), (ph, pw) = x.shape[-2:], geo.padding
-    eh = end_padding(h, geo.out[0], geo.kernel[0], geo.stride[0], ph, geo.dilation[0])
-    ew = end_padding(w, geo.out[1], geo.kernel[1], geo.stride[1], pw, geo.dilation[1])
-    pad = (pw, max(ew, 0), ph, max(eh, 0))
-    if pad == (0, 0, 0, 0):
-        return x
-    return F.pad(x, pad, value=value)
-
-
 def _window_rows(out: int, kernel: int, stride: int, pad: int, dilation: int) -> list[range]:
     """For each output position, the input coordinates its window reads along one axis."""
     return [
         range(p * stride - pad, p * stride - pad + kernel * dilation, dilation) for p in range(out)
     ]
+
+
+def _tap_span(i: int, size: int, out: int, stride: int, pad: int, dilation: int):
+    """Along one axis, where tap ``i`` of the windows reads inside the input.
+
+    Output ``p`` reads input ``u = p*stride + i*dilation - pad``; returns the output slice
+    ``p0:p1`` for which ``0 <= u < size`` and the matching strided input slice, or ``None``
+    when the tap lies in the padding for every window.
+    """
+    shift = i * dilation - pad
+    p0 = max(0, -(shift // stride))  # the first p with u >= 0 (ceil(-shift / stride))
+    p1 = min(out, (size - 1 - shift) // stride + 1)
+    if p1 <= p0:
+        return None
+    u0 = p0 * stride + shift
+    return slice(p0, p1), slice(u0, u0 + (p1 - p0 - 1) * stride + 1, stride)
+
+
+class Tap(NamedTuple):
+    """Kernel tap ``(i, j)``: the outputs ``out`` whose window reads it in bounds, and the
+    input positions ``inp`` it reads for them (read with :func:`at`: a strided view)."""
+
+    offset: int  # flat input offset of this tap relative to tap (0, 0): i*dH*W + j*dW
+    out: tuple[slice, slice]
+    inp: tuple[slice, slice]
+    full: bool  # in bounds for every window
+
+
+def at(t: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
+    """``t[..., rows, cols]`` as a view; ``t`` itself when that is all of it (an alias
+    from a full-range slice would break vmap)."""
+    rows, cols = region
+    h, w = t.shape[-2:]
+    if rows.indices(h) == (0, h, 1) and cols.indices(w) == (0, w, 1):
+        return t
+    return t[..., rows, cols]
+
+
+def in_bounds_taps(input_hw: tuple[int, int], geo: PoolGeometry) -> list[Tap]:
+    """Every kernel tap in row-major (torch's scan) order, restricted to the input.
+
+    Padding is never materialized: a tap contributes only to the windows that read it
+    inside the input, so ``-inf``/zero padding needs no copy of ``x``.
+    """
+    (h, w), (kh, kw), (oh, ow) = input_hw, geo.kernel, geo.out
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    rows = [_tap_span(i, h, oh, sh, ph, dh) for i in range(kh)]
+    cols = [_tap_span(j, w, ow, sw, pw, dw) for j in range(kw)]
+    taps = []
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            if row is None or col is None:
+                continue
+            full = row[0] == slice(0, oh) and col[0] == slice(0, ow)
+            taps.append(Tap(i * dh * w + j * dw, (row[0], col[0]), (row[1], col[1]), full))
+    return taps
 
 
 # ----------------------------------------------------------------------------- max pool
@@ -101,40 +145,45 @@ def _first_in_bounds(
 def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """Formula (1): the window maxima and their flat indices into each ``H*W`` plane.
 
-    One pass per kernel tap over output-sized views (no copy of the windows): the
-    running ``maximum`` (which propagates NaN) gives ``y``; then, scanning the taps
-    backwards, the index of the first tap equal to ``y`` -- torch's winner among ties.
+    One pass per kernel tap over strided views of the input (no copy, no padding):
+
+    * ``y`` is the running ``maximum`` (which propagates NaN) of the in-bounds taps;
+    * the winner is the first tap equal to ``y``: its position in the tap list is the
+      number of taps ``t`` for which "no tap up to t equals y" still holds, counted in
+      uint8 (an out-of-bounds tap never equals ``y``), then looked up as a flat offset;
+    * a NaN window equals nothing; torch keeps its *last* NaN, set in a fix-up pass.
     """
-    (h, w), (kh, kw), (oh, ow) = x.shape[-2:], geo.kernel, geo.out
-    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
-    lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
-    win = windows(_padded(x, geo, lowest), geo.kernel, geo.stride, geo.dilation, geo.out)
-    taps = [(i, j) for i in range(kh) for j in range(kw)]  # row-major, torch's scan order
-    y = win[..., 0, 0]
-    for i, j in taps[1:]:
-        y = torch.maximum(y, win[..., i, j])
-    # the winner's tap number t = i*kW + j, as the first tap equal to the maximum
-    tap = torch.full(y.shape, len(taps) - 1, dtype=torch.uint8, device=x.device)
-    for t in reversed(range(len(taps) - 1)):
-        tap.masked_fill_(win[..., taps[t][0], taps[t][1]] == y, t)
-    if ph or pw:
-        # A window whose in-bounds values are all -inf ties with its padding: torch returns
-        # its first in-bounds position.
-        fi = torch.tensor(_first_in_bounds(oh, kh, sh, ph, dh, h), device=x.device)
-        fj = torch.tensor(_first_in_bounds(ow, kw, sw, pw, dw, w), device=x.device)
-        tap = torch.where(y == lowest, (fi.view(-1, 1) * kw + fj.view(1, -1)).to(tap.dtype), tap)
-    if x.is_floating_point():
-        nan_windows = y.isnan()
-        if nan_windows.any():  # torch's scan keeps the *last* NaN of a window
-            for t, (i, j) in enumerate(taps):
-                tap = torch.where(nan_windows & win[..., i, j].isnan(), t, tap)
-    # flat index of tap (i, j) of window (p, q): (p*sH - pH + i*dH) * W + (q*sW - pW + j*dW)
-    p, q = torch.arange(oh, device=x.device), torch.arange(ow, device=x.device)
-    base = ((p * sh - ph) * w).view(-1, 1) + (q * sw - pw).view(1, -1)
-    offset = torch.tensor([i * dh * w + j * dw for i, j in taps], device=x.device)
-    index = base + offset.take(tap.long())
-    # (a 1x1 window's maximum is a view of the input: copy it)
-    y = y.clone(memory_format=torch.contiguous_format) if kh * kw == 1 else y.contiguous()
+    (h, w), (oh, ow), (sh, sw), (ph, pw) = x.shape[-2:], geo.out, geo.stride, geo.padding
+    taps = in_bounds_taps((h, w), geo)
+    lead = x.shape[:-2]
+    full = next((t for t in taps if t.full), None)
+    if full is not None:
+        y = at(x, full.inp).clone(memory_format=torch.contiguous_format)
+    else:
+        lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
+        y = x.new_full((*lead, oh, ow), lowest)
+    for t in taps:
+        if t is not full:
+            y_t = at(y, t.out)
+            torch.maximum(y_t, at(x, t.inp), out=y_t)
+    count = torch.uint8 if len(taps) < 256 else torch.int32
+    winner = torch.zeros(y.shape, dtype=count, device=x.device)  # position in `taps`
+    missed = torch.ones_like(winner)  # no tap so far equals y
+    for t in taps[:-1]:
+        at(missed, t.out).mul_(at(x, t.inp) != at(y, t.out))
+        winner += missed
+    # flat index of window (p, q)'s tap (0, 0): (p*sH - pH) * W + (q*sW - pW), plus the tap's
+    p = torch.arange(oh, device=x.device).view(-1, 1)
+    q = torch.arange(ow, device=x.device).view(1, -1)
+    base = (p * sh - ph) * w + (q * sw - pw)
+    offsets = torch.tensor([t.offset for t in taps], device=x.device)
+    index = offsets.index_select(0, winner.long().flatten()).view(y.shape).add_(base)
+    if x.is_floating_point() and y.sum().isnan():  # (a sum is NaN if any y is; cheap test)
+        nan_window = y.isnan()
+        for t in taps:  # the last NaN tap of a NaN window wins
+            take = at(nan_window, t.out) & at(x, t.inp).isnan()
+            index_t = at(index, t.out)
+            index_t.copy_(torch.where(take, at(base, t.out) + t.offset, index_t))
     return y, index
 
 
@@ -204,12 +253,14 @@ def _divisors(
 def avg_divisor(
     x: torch.Tensor, geo: PoolGeometry, count_include_pad: bool, divisor_override: int | None
 ) -> torch.Tensor | int:
-    """``D[p, q]`` of formula (4), as torch's kernels compute it."""
+    """``D[p, q]`` of formula (4), as torch's kernels compute it (an int when constant)."""
     if divisor_override is not None:
         return divisor_override
     (h, w), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], geo.kernel, geo.stride, geo.padding
     dh = _divisors(h, geo.out[0], kh, sh, ph, count_include_pad)
     dw = _divisors(w, geo.out[1], kw, sw, pw, count_include_pad)
+    if len(set(dh)) == 1 and len(set(dw)) == 1 and dh[0] * dw[0] > 0:
+        return dh[0] * dw[0]  # every window has the same size
     d = torch.tensor(dh, device=x.device).view(-1, 1) * torch.tensor(dw, device=x.device).view(
         1, -1
     )
@@ -221,56 +272,59 @@ def avg_pool_forward(
 ) -> torch.Tensor:
     """Formula (4): window sums of the zero-padded input, divided by ``D``.
 
-    Small windows are summed tap by tap over output-sized views, in torch's row-major
-    order; large ones (global pooling) by one reduction.
+    Small windows are summed tap by tap in torch's row-major order, each tap adding the
+    input it reads in bounds (zero padding adds nothing, so it is never built); large
+    windows that fit the input (global pooling) by one reduction.
     """
-    win = windows(_padded(x, geo, 0.0), geo.kernel, geo.stride, geo.dilation, geo.out)
-    (kh, kw) = geo.kernel
+    (kh, kw), (oh, ow) = geo.kernel, geo.out
     low_precision = x.dtype in (torch.float16, torch.bfloat16)
-    acc = torch.float32 if low_precision else None  # sum as torch does, in float32
-    if kh * kw > 16 or kh * kw == 1:
-        sums = win.sum((-2, -1), dtype=acc)
+    acc = torch.float32 if low_precision else x.dtype  # sum as torch does, in float32
+    h, w = x.shape[-2:]
+    fits = geo.padding == (0, 0) and (oh - 1) * geo.stride[0] + kh <= h
+    if fits and (ow - 1) * geo.stride[1] + kw <= w and (kh * kw > 16 or kh * kw == 1):
+        sums = windows(x, geo.kernel, geo.stride, geo.dilation, geo.out).sum((-2, -1), dtype=acc)
     else:
-        taps = [win[..., i, j] for i in range(kh) for j in range(kw)]
-        sums = taps[0].to(acc) + taps[1] if acc else taps[0] + taps[1]
-        for tap in taps[2:]:
-            sums += tap
+        taps = in_bounds_taps((h, w), geo)
+        first = taps[0]
+        if first.full:
+            sums = at(x, first.inp).to(acc, memory_format=torch.contiguous_format, copy=True)
+        else:
+            sums = x.new_zeros((*x.shape[:-2], oh, ow), dtype=acc)
+        for t in taps:
+            if t is not first or not first.full:
+                at(sums, t.out).add_(at(x, t.inp))
     if not x.is_floating_point():  # torch divides integer sums with C++ integer division
-        return torch.div(sums, divisor, rounding_mode="trunc")
+        return sums.div_(divisor, rounding_mode="trunc")
     if low_precision:
         divisor = divisor.float() if isinstance(divisor, torch.Tensor) else divisor
-        return (sums / divisor).to(x.dtype)
-    return sums / divisor
+        return sums.div_(divisor).to(x.dtype)
+    return sums.div_(divisor)
 
 
 def avg_pool_backward(
     g: torch.Tensor, geo: PoolGeometry, divisor: torch.Tensor | int, input_shape: torch.Size
 ) -> torch.Tensor:
-    """Formula (5): add ``g / D`` to every position of its window, then drop the padding.
+    """Formula (5): add ``g / D`` to every input position of its window.
 
-    Windows that do not overlap (stride >= kernel, the common case) tile the padded
-    input: each share is repeated over its window.  Overlapping windows are summed tap
-    by tap, the adjoint of reading them.
+    Windows that tile the input (stride >= kernel, no padding: the common case) repeat
+    each share over their window.  Otherwise each kernel tap adds its windows' shares
+    where it read in bounds, the adjoint of the forward's reads (padding gets nothing).
     """
     (h, w), (kh, kw), (sh, sw), (ph, pw) = input_shape[-2:], geo.kernel, geo.stride, geo.padding
     oh, ow = geo.out
     lead = input_shape[:-2]
     share = g / divisor
-    if sh >= kh and sw >= kw:
+    if sh >= kh and sw >= kw and (ph, pw) == (0, 0) and oh * sh <= h and ow * sw <= w:
         tiles = share[..., :, None, :, None].expand(*lead, oh, kh, ow, kw)
         if (sh, sw) != (kh, kw):  # positions between windows get no gradient
             tiles = F.pad(tiles, (0, sw - kw, 0, 0, 0, sh - kh))
         frame = tiles.reshape(*lead, oh * sh, ow * sw)
-    else:  # overlapping windows: add each window tap's share where that tap read
-        size = ((oh - 1) * sh + kh, (ow - 1) * sw + kw)
-        frame = share.new_zeros(*lead, *size)
-        for i in range(kh):
-            for j in range(kw):
-                frame[..., i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw] += share
-    # drop the padding; rows the windows never reached keep a zero gradient
-    fh, fw = frame.shape[-2:]
-    crop = (-pw, pw + w - fw, -ph, ph + h - fh)
-    return frame if crop == (0, 0, 0, 0) else F.pad(frame, crop)
+        crop = (0, w - ow * sw, 0, h - oh * sh)  # rows no window reached: zero gradient
+        return frame if crop == (0, 0, 0, 0) else F.pad(frame, crop)
+    gx = share.new_zeros(input_shape)
+    for t in in_bounds_taps((h, w), geo):
+        at(gx, t.inp).add_(at(share, t.out))
+    return gx
 
 
 class AvgPool2dFunction(torch.autograd.Function):
