@@ -45,6 +45,12 @@ __all__ = ["Conv2dFunction", "conv2d", "correlate"]
 
 Pad4 = tuple[int, int, int, int]  # (top, bottom, left, right)
 
+# Above this many elements, a GEMM accumulating in place into a strided slice is slower
+# (measured) than a separate GEMM followed by an add.
+IN_PLACE_GEMM_MAX = 1 << 21
+# Row buffers this small (elements) are never split into batch chunks.
+MIN_ROW_BUFFER = 1 << 17
+
 
 class ConvGeometry(NamedTuple):
     """Normalized arguments of one conv2d call."""
@@ -109,38 +115,82 @@ def depthwise_correlate(
 
 
 def correlate(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    padding: Pad4,
+    dilation: tuple[int, int],
+    groups: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Formula (1) on a batched input, zero-padded by ``padding``.
+
+    ``x``: ``(N, C, H, W)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
+    The sum over ``(c, i, j)`` is split by kernel row: for each ``i`` one batched GEMM
+    contracts ``w[:, :, i, :]`` with the input rows that kernel row sees.  The padded
+    input and its row buffer are built for a chunk of the batch at a time
+    (:func:`batch_chunks`), so they stay within what torch's own kernels keep alive.
+    """
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    hp, wp = h + padding[0] + padding[1], wd + padding[2] + padding[3]
+    oh = (hp - dh * (kh - 1) - 1) // sh + 1
+    ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    if cg == 1 and o == groups:
+        y = depthwise_correlate(_pad(x, padding), w, stride, dilation, (oh, ow))
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+    chunks = batch_chunks(n, c * kw * hp * ow, x.numel(), n * o * oh * ow)
+    if len(chunks) == 1:
+        y = _correlate_rows(_pad(x, padding), w, stride, dilation, groups, bias, (oh, ow))
+        return y.reshape(o, oh, n, ow).permute(2, 0, 1, 3).contiguous()  # (N, O, oH, oW)
+    out = x.new_empty(n, o, oh, ow)
+    for part in chunks:
+        xp = _pad(x[part], padding)
+        y = _correlate_rows(xp, w, stride, dilation, groups, bias, (oh, ow))
+        out[part] = y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)
+    return out
+
+
+def batch_chunks(n: int, per_sample: int, input_numel: int, output_numel: int) -> list[slice]:
+    """Split a batch of ``n`` into equal slices whose row buffers (``per_sample``
+    elements each) fit the budget: the smaller of the input and the output (torch's own
+    kernels keep about their sum alive), at least ``MIN_ROW_BUFFER`` elements."""
+    budget = max(min(input_numel, output_numel), MIN_ROW_BUFFER)
+    count = -(-n * per_sample // budget)  # ceil
+    if count <= 1:
+        return [slice(None)]
+    size = -(-n // count)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _correlate_rows(
     xp: torch.Tensor,
     w: torch.Tensor,
     stride: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None,
+    out_hw: tuple[int, int],
 ) -> torch.Tensor:
-    """Formula (1) on an already padded, batched input.
-
-    ``xp``: ``(N, C, Hp, Wp)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
-    The sum over ``(c, i, j)`` is split by kernel row: for each ``i`` one batched GEMM
-    contracts ``w[:, :, i, :]`` with the input rows that kernel row sees.
-    """
-    n, c, hp, wp = xp.shape
+    """Formula (1) for one chunk of the batch: ``(g, O/g, oH*n*oW)``, columns ``(p, n, q)``."""
+    n = xp.shape[0]
     o, cg, kh, kw = w.shape
-    (sh, sw), (dh, dw) = stride, dilation
-    oh = (hp - dh * (kh - 1) - 1) // sh + 1
-    ow = (wp - dw * (kw - 1) - 1) // sw + 1
-    if cg == 1 and o == groups:
-        y = depthwise_correlate(xp, w, stride, dilation, (oh, ow))
-        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
     rows = row_windows(xp, kw, dw, sw, ow)
     w_rows = w.reshape(groups, o // groups, cg, kh, kw)
     y = None
-    if bias is not None:
-        y = bias.reshape(groups, o // groups, 1).expand(groups, o // groups, oh * n * ow)
-        y = y.clone(memory_format=torch.contiguous_format)  # a fresh accumulator, never `bias`
     for i in range(kh):
         w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw)
-        m_i = kernel_row(rows, groups, i, dh, sh, oh)  # (g, C/g*kW, oH*N*oW), a view
-        y = torch.bmm(w_i, m_i) if y is None else y.baddbmm_(w_i, m_i)  # y += w_i @ m_i
-    return y.reshape(o, oh, n, ow).permute(2, 0, 1, 3).contiguous()  # (N, O, oH, oW)
+        m_i = kernel_row(rows, groups, i, dh, sh, oh)  # (g, C/g*kW, oH*n*oW), a view
+        if y is not None:
+            y = y.baddbmm_(w_i, m_i)  # y += w_i @ m_i
+        elif bias is None:
+            y = torch.bmm(w_i, m_i)
+        else:  # a fresh accumulator starting from the bias
+            b = bias.reshape(groups, o // groups, 1).expand(groups, o // groups, oh * n * ow)
+            y = torch.baddbmm(b, w_i, m_i)
+    return y
 
 
 def _pad(x: torch.Tensor, pad: Pad4) -> torch.Tensor:
@@ -154,7 +204,7 @@ def conv_forward(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: ConvGeometry
 ) -> torch.Tensor:
     """Formula (1): ``y = correlate(pad(x), w) + b`` on a batched input."""
-    return correlate(_pad(x, geo.padding), w, geo.stride, geo.dilation, geo.groups, b)
+    return correlate(x, w, geo.stride, geo.padding, geo.dilation, geo.groups, b)
 
 
 def gradient_rows(g: torch.Tensor, groups: int) -> torch.Tensor:
@@ -168,7 +218,6 @@ def conv_input_grad(
     w: torch.Tensor,
     input_hw: tuple[int, int],
     geo: ConvGeometry,
-    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
 
@@ -184,7 +233,7 @@ def conv_input_grad(
     _, cg, kh, kw = w.shape
     h, wd = input_hw
     if not (cg == 1 and o == groups):
-        return conv_input_grad_scatter(g, w, input_hw, geo, g_rows)
+        return conv_input_grad_scatter(g, w, input_hw, geo)
     if (sh, sw) != (1, 1):  # stride-dilate g: insert s-1 zeros between its rows/columns
         g_dilated = g.new_zeros(n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1)
         g_dilated[:, :, ::sh, ::sw] = g
@@ -204,7 +253,7 @@ def conv_input_grad(
         .reshape(groups * cg, o // groups, kh, kw)
         .flip(-2, -1)
     )
-    return correlate(g, w_rot, (1, 1), (dh, dw), groups)
+    return correlate(g, w_rot, (1, 1), (0, 0, 0, 0), (dh, dw), groups)
 
 
 def conv_input_grad_scatter(
@@ -212,7 +261,6 @@ def conv_input_grad_scatter(
     w: torch.Tensor,
     input_hw: tuple[int, int],
     geo: ConvGeometry,
-    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (4) as a scatter: every output gradient ``g[n,o,p,q]`` sends
     ``g * w[o,c,i,j]`` back to the input pixel its window read, ``(p*s+i*d, q*s+j*d)``.
@@ -222,23 +270,46 @@ def conv_input_grad_scatter(
     (first along the height, then along the width) is exactly the full convolution
     with the rotated kernel, without materializing the zero-inserted, padded ``g``.
     """
-    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
-    _, cg, kh, kw = w.shape
+    c, kw = w.shape[1] * geo.groups, w.shape[3]
     hp, wp = input_hw[0] + top + bottom, input_hw[1] + left + right
-    g_rows = gradient_rows(g, groups) if g_rows is None else g_rows  # g[o, (p, n, q)]
+    crop = (-top, -bottom, -left, -right)  # the padding's gradient is dropped
+    chunks = batch_chunks(n, c * kw * hp * ow, n * c * hp * wp, g.numel())
+    if len(chunks) == 1:
+        return _pad(_scatter_rows(g, w, (hp, wp), geo), crop)
+    gx = g.new_empty(n, c, *input_hw)
+    for part in chunks:  # samples are independent: a chunk of the batch at a time
+        gx[part] = _pad(_scatter_rows(g[part], w, (hp, wp), geo), crop)
+    return gx
+
+
+def _scatter_rows(
+    g: torch.Tensor, w: torch.Tensor, padded_hw: tuple[int, int], geo: ConvGeometry
+) -> torch.Tensor:
+    """Formula (4) for one chunk of the batch, onto the padded input ``(n, C, Hp, Wp)``."""
+    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
+    n, o, oh, ow = g.shape
+    _, cg, kh, kw = w.shape
+    hp, wp = padded_hw
+    g_rows = gradient_rows(g, groups)  # g[o, (p, n, q)]
     w_rows = w.reshape(groups, o // groups, cg, kh, kw)
     d_rows = g.new_zeros(groups, cg * kw, hp, n * ow)  # dL/d(row buffer)
     for i in range(kh):
-        w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw)
-        d_i = torch.bmm(w_i.transpose(1, 2), g_rows).reshape(groups, cg * kw, oh, n * ow)
-        d_rows = _add_at(d_rows, 2, i * dh, oh, sh, d_i)
+        w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw).transpose(1, 2)
+        if sh == 1 and d_rows.numel() <= IN_PLACE_GEMM_MAX:
+            # the rows kernel row i read are contiguous: accumulate the GEMM there
+            d_at = d_rows if oh == hp else d_rows[:, :, i * dh : i * dh + oh]  # (vmap: no alias)
+            d_at = d_at.view(groups, cg * kw, oh * n * ow)
+            d_at.baddbmm_(w_i, g_rows)  # += w_i^T @ g
+        else:
+            d_i = torch.bmm(w_i, g_rows).reshape(groups, cg * kw, oh, n * ow)
+            d_rows = _add_at(d_rows, 2, i * dh, oh, sh, d_i)
     d_rows = d_rows.reshape(groups * cg, kw, hp, n, ow)
     dxp = g.new_zeros(n, groups * cg, hp, wp)
     for j in range(kw):
         dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows[:, j].permute(2, 0, 1, 3))
-    return _pad(dxp, (-top, -bottom, -left, -right))  # the padding's gradient is dropped
+    return dxp
 
 
 def _add_at(
@@ -258,7 +329,6 @@ def conv_weight_grad(
     g: torch.Tensor,
     w_shape: torch.Size,
     geo: ConvGeometry,
-    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3): dL/dw, the correlation of the padded input with ``g``.
 
@@ -266,17 +336,24 @@ def conv_weight_grad(
     """
     o, cg, kh, kw = w_shape
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
-    n, _, oh, ow = g.shape
-    rows = row_windows(_pad(x, geo.padding), kw, dw, sw, ow)
-    g = gradient_rows(g, groups) if g_rows is None else g_rows  # g[o, (p, n, q)]
-    taps = [
-        torch.matmul(g, kernel_row(rows, groups, i, dh, sh, oh).transpose(-1, -2))
-        for i in range(kh)
-    ]  # each (g, O/g, C/g*kW): the sum over n, p, q in one GEMM
+    n, c, h, w = x.shape
+    _, _, oh, ow = g.shape
+    top, bottom, left, right = geo.padding
+    hp, wp = h + top + bottom, w + left + right
+    taps = [None] * kh  # taps[i]: (g, C/g*kW, O/g) = dw[:, :, i, :]^T
+    for part in batch_chunks(n, c * kw * hp * ow, n * c * hp * wp, g.numel()):
+        rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow)
+        # g[(p, n, q), o], contiguous: the GEMMs below run as (C/g*kW x P) @ (P x O/g),
+        # the fast orientation for a long contraction over P = oH*n*oW
+        g_part = g[part].permute(2, 0, 3, 1)
+        g_cols = g_part.reshape(-1, groups, o // groups).transpose(0, 1)
+        for i in range(kh):
+            m_i = kernel_row(rows, groups, i, dh, sh, oh)
+            taps[i] = torch.bmm(m_i, g_cols) if taps[i] is None else taps[i] + m_i @ g_cols
     return (
-        torch.stack(taps, 2)
-        .reshape(groups, o // groups, kh, cg, kw)
-        .transpose(2, 3)
+        torch.stack(taps, 1)  # (g, kH, C/g, kW, O/g)
+        .reshape(groups, kh, cg, kw, o // groups)
+        .permute(0, 4, 2, 1, 3)
         .reshape(o, cg, kh, kw)
     )
 
@@ -323,14 +400,11 @@ class Conv2dFunction(torch.autograd.Function):
         if unbatched:
             x, g = x.unsqueeze(0), g.unsqueeze(0)
         gx = gw = gb = None
-        g_rows = None  # shared by (3) and (4)
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            g_rows = gradient_rows(g, geo.groups)
         if ctx.needs_input_grad[0]:
-            gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo, g_rows)  # (4)
+            gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
             gx = gx.squeeze(0) if unbatched else gx
         if ctx.needs_input_grad[1]:
-            gw = conv_weight_grad(x, g, weight.shape, geo, g_rows)  # (3)
+            gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = conv_bias_grad(g)  # (2)
         return gx, gw, gb, None
