@@ -31,20 +31,13 @@ from .cases import (
     make_inputs,
     tangent_storage,
 )
-from .checks import TORCH_OPS, Outcome, is_exact, run_check, tolerance, upcast_reference
+from .checks import CHECKS, TORCH_OPS, Outcome, is_exact, run_check, tolerance, upcast_reference
 
 __all__ = ["impl_spec", "render_snippet", "shrink"]
 
 _LITERAL_LIMIT = 400  # storage elements up to which a snippet spells out the values
-_SHRINKABLE = (
-    "forward",
-    "backward",
-    "indices",
-    "forward-ad",
-    "gradcheck",
-    "gradgradcheck",
-    "dtypes",
-)
+# every check that runs on one case's tensors ("errors" and "undefined" test calls, not values)
+_SHRINKABLE = tuple(c for c in CHECKS if c not in ("errors", "undefined"))
 
 
 # ----------------------------------------------------------------------------- shrinking

@@ -12,13 +12,7 @@ import handmade.nn as hnn
 from handmade.convert import convert
 from parity import models
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FancyConv(nn.Conv2d):
