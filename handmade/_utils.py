@@ -7,6 +7,7 @@ name the problem, so a bad call fails before any tensor work starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -151,3 +152,69 @@ def windows(
     size = (*lead, out[0], out[1], kernel[0], kernel[1])
     strides = (*st[:-2], sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1])
     return xp.as_strided(size, strides, xp.storage_offset())
+
+
+def at(t: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
+    """``t[..., rows, cols]`` as a view; ``t`` itself when that is all of it (an alias
+    from a full-range slice would break vmap)."""
+    rows, cols = region
+    h, w = t.shape[-2:]
+    if rows.indices(h) == (0, h, 1) and cols.indices(w) == (0, w, 1):
+        return t
+    return t[..., rows, cols]
+
+
+def _tap_span(i: int, size: int, out: int, stride: int, pad: int, dilation: int):
+    """Along one axis, where tap ``i`` of the windows reads inside the input.
+
+    Output ``p`` reads input ``u = p*stride + i*dilation - pad``; returns the output slice
+    ``p0:p1`` for which ``0 <= u < size`` and the matching strided input slice, or ``None``
+    when the tap lies in the padding for every window.
+    """
+    shift = i * dilation - pad
+    p0 = max(0, -(shift // stride))  # the first p with u >= 0 (ceil(-shift / stride))
+    p1 = min(out, (size - 1 - shift) // stride + 1)
+    if p1 <= p0:
+        return None
+    u0 = p0 * stride + shift
+    return slice(p0, p1), slice(u0, u0 + (p1 - p0 - 1) * stride + 1, stride)
+
+
+class Tap(NamedTuple):
+    """Kernel tap ``(i, j)``: the outputs ``out`` whose window reads it in bounds, and the
+    input positions ``inp`` it reads for them (read with :func:`at`: a strided view)."""
+
+    ij: tuple[int, int]  # its position in the kernel
+    offset: int  # flat input offset of this tap relative to tap (0, 0): i*dH*W + j*dW
+    out: tuple[slice, slice]
+    inp: tuple[slice, slice]
+    full: bool  # in bounds for every window
+
+
+def in_bounds_taps(
+    input_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    out: tuple[int, int],
+) -> list[Tap]:
+    """Every kernel tap in row-major (torch's scan) order, restricted to the input.
+
+    ``padding``: the rows/columns of padding before the input (top, left); what lies
+    after it only shows in ``out``.  Padding is never materialized: a tap contributes
+    only to the windows that read it inside the input, so ``-inf``/zero padding needs no
+    copy of ``x``.
+    """
+    (h, w), (kh, kw), (oh, ow) = input_hw, kernel, out
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    rows = [_tap_span(i, h, oh, sh, ph, dh) for i in range(kh)]
+    cols = [_tap_span(j, w, ow, sw, pw, dw) for j in range(kw)]
+    taps = []
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            if row is None or col is None:
+                continue
+            full = row[0] == slice(0, oh) and col[0] == slice(0, ow)
+            taps.append(Tap((i, j), i * dh * w + j * dw, (row[0], col[0]), (row[1], col[1]), full))
+    return taps

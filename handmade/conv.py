@@ -39,7 +39,15 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._utils import _pair, check_input_rank, check_non_negative, check_positive, windows
+from ._utils import (
+    _pair,
+    at,
+    check_input_rank,
+    check_non_negative,
+    check_positive,
+    in_bounds_taps,
+    windows,
+)
 
 __all__ = ["Conv2dFunction", "conv2d", "correlate"]
 
@@ -93,24 +101,36 @@ def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: in
 
 
 def depthwise_correlate(
-    xp: torch.Tensor,
+    x: torch.Tensor,
     w: torch.Tensor,
     stride: tuple[int, int],
+    padding: tuple[int, int],
     dilation: tuple[int, int],
-    out: tuple[int, int],
+    out_hw: tuple[int, int],
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (1) for a depthwise kernel (one input channel per output channel).
 
     With nothing to contract over channels, a GEMM is wasted: the sum over the kernel
-    taps ``(i, j)`` is done as ``kH*kW`` multiply-adds of shifted views of the input.
+    taps ``(i, j)`` is done as ``kH*kW`` multiply-adds of strided views of the input,
+    each over just the windows that read the tap inside the input (:func:`in_bounds_taps`;
+    ``padding`` = rows/columns of zeros before the input), so no padded copy is made.
     """
-    win = windows(xp, tuple(w.shape[-2:]), stride, dilation, out)  # (N, C, oH, oW, kH, kW)
-    taps = w.reshape(w.shape[0], 1, 1, *w.shape[-2:])
-    y = win[..., 0, 0] * taps[..., 0, 0]
-    for i in range(w.shape[-2]):
-        for j in range(w.shape[-1]):
-            if i or j:
-                y = y.addcmul_(win[..., i, j], taps[..., i, j])  # y += x_shifted * w_tap
+    c, _, kh, kw = w.shape
+    taps = in_bounds_taps(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation, out_hw)
+    w_ij = w.reshape(c, kh, kw, 1, 1)  # w_ij[:, i, j]: one tap, broadcast over the plane
+    first = next((t for t in taps if t.full), None)
+    if first is None:  # every tap misses some window: start from zeros (or the bias)
+        y = x.new_zeros(*x.shape[:-2], *out_hw)
+        y = y if bias is None else y + bias.reshape(c, 1, 1)
+    elif bias is None:
+        y = at(x, first.inp) * w_ij[:, first.ij[0], first.ij[1]]
+    else:
+        b = bias.reshape(c, 1, 1)
+        y = torch.addcmul(b, at(x, first.inp), w_ij[:, first.ij[0], first.ij[1]])
+    for t in taps:
+        if t is not first:  # y += x_shifted * w_tap
+            at(y, t.out).addcmul_(at(x, t.inp), w_ij[:, t.ij[0], t.ij[1]])
     return y
 
 
@@ -138,25 +158,44 @@ def correlate(
     oh = (hp - dh * (kh - 1) - 1) // sh + 1
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if cg == 1 and o == groups:
-        y = depthwise_correlate(_pad(x, padding), w, stride, dilation, (oh, ow))
-        return y if bias is None else y + bias.reshape(1, -1, 1, 1)
-    chunks = batch_chunks(n, c * kw * hp * ow, x.numel(), n * o * oh * ow)
+        return depthwise_correlate(x, w, stride, (padding[0], padding[2]), dilation, (oh, ow), bias)
+    if use_columns(x.shape, w.shape, (oh, ow), stride, padding):
+        budget = column_budget(x.numel(), n * o * oh * ow, w.numel())
+        chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
+        if len(chunks) == 1:
+            return _correlate_columns(_pad(x, padding), w, stride, dilation, groups, bias)
+        out = x.new_empty(n, o, oh, ow)
+        for part in chunks:
+            xp = _pad(x[part], padding)
+            out[part] = _correlate_columns(xp, w, stride, dilation, groups, bias)
+        return out
+    w_rows = weight_rows(w, groups)
+    chunks = batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), n * o * oh * ow))
     if len(chunks) == 1:
-        y = _correlate_rows(_pad(x, padding), w, stride, dilation, groups, bias, (oh, ow))
+        y = _correlate_rows(_pad(x, padding), w_rows, kw, stride, dilation, bias, (oh, ow))
         return y.reshape(o, oh, n, ow).permute(2, 0, 1, 3).contiguous()  # (N, O, oH, oW)
     out = x.new_empty(n, o, oh, ow)
     for part in chunks:
         xp = _pad(x[part], padding)
-        y = _correlate_rows(xp, w, stride, dilation, groups, bias, (oh, ow))
+        y = _correlate_rows(xp, w_rows, kw, stride, dilation, bias, (oh, ow))
         out[part] = y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)
     return out
 
 
-def batch_chunks(n: int, per_sample: int, input_numel: int, output_numel: int) -> list[slice]:
-    """Split a batch of ``n`` into equal slices whose row buffers (``per_sample``
-    elements each) fit the budget: the smaller of the input and the output (torch's own
-    kernels keep about their sum alive), at least ``MIN_ROW_BUFFER`` elements."""
-    budget = max(min(input_numel, output_numel), MIN_ROW_BUFFER)
+def weight_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """The kernel split by kernel row, as GEMM operands: ``(kH, g, O/g, C/g*kW)``.
+
+    ``out[i, g, o, (c, j)] = w[g*O/g + o, c, i, j]``; one copy per call, shared by every
+    chunk of the batch.
+    """
+    o, cg, kh, kw = w.shape
+    w = w.reshape(groups, o // groups, cg, kh, kw)
+    return w.permute(3, 0, 1, 2, 4).reshape(kh, groups, o // groups, cg * kw)
+
+
+def batch_chunks(n: int, per_sample: int, budget: int) -> list[slice]:
+    """Split a batch of ``n`` into equal slices whose buffers (``per_sample`` elements
+    each) fit ``budget`` elements (:func:`row_budget`, :func:`column_budget`)."""
     count = -(-n * per_sample // budget)  # ceil
     if count <= 1:
         return [slice(None)]
@@ -164,33 +203,135 @@ def batch_chunks(n: int, per_sample: int, input_numel: int, output_numel: int) -
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def row_budget(input_numel: int, output_numel: int) -> int:
+    """Elements a width-only row buffer may take: the smaller of the input and the output
+    (torch's own kernels keep about their sum alive), at least ``MIN_ROW_BUFFER``."""
+    return max(min(input_numel, output_numel), MIN_ROW_BUFFER)
+
+
+def column_budget(input_numel: int, output_numel: int, weight_numel: int) -> int:
+    """Elements a full im2col buffer may take: the largest of input, output and weight
+    (torch's oneDNN kernels keep a re-laid-out copy of each alive, measured), at least
+    ``MIN_ROW_BUFFER``."""
+    return max(input_numel, output_numel, weight_numel, MIN_ROW_BUFFER)
+
+
 def _correlate_rows(
+    xp: torch.Tensor,
+    w_rows: torch.Tensor,
+    kw: int,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Formula (1) for one chunk of the batch: ``(g, O/g, oH*n*oW)``, columns ``(p, n, q)``.
+
+    ``w_rows``: the kernel by rows, ``(kH, g, O/g, C/g*kW)`` (:func:`weight_rows`).
+    """
+    n = xp.shape[0]
+    kh, groups, og, _ = w_rows.shape
+    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
+    rows = row_windows(xp, kw, dw, sw, ow)
+    y = None
+    for i in range(kh):
+        m_i = kernel_row(rows, groups, i, dh, sh, oh)  # (g, C/g*kW, oH*n*oW), a view
+        if y is not None:
+            y = y.baddbmm_(w_rows[i], m_i)  # y += w_i @ m_i
+        elif bias is None:
+            y = torch.bmm(w_rows[i], m_i)
+        else:  # a fresh accumulator starting from the bias
+            b = bias.reshape(groups, og, 1).expand(groups, og, oh * n * ow)
+            y = torch.baddbmm(b, w_rows[i], m_i)
+    return y
+
+
+def use_columns(
+    x_shape: torch.Size,
+    w_shape: torch.Size,
+    out_hw: tuple[int, int],
+    stride: tuple[int, int],
+    padding: Pad4,
+    weight_grad: bool = False,
+) -> bool:
+    """Pick the full im2col (:func:`columns`) over the width-only one (:func:`row_windows`).
+
+    The width-only buffer is ``kH`` times smaller, but its per-kernel-row GEMMs need the
+    weight re-laid out (a slow small-stride copy) and their output permuted to NCHW; the
+    full one needs neither, and a 1x1 kernel reads the input as it is.  Estimated copy
+    costs (element counts, the strided weight copy weighted by its measured ~2.5x) decide;
+    a full buffer must fit one sample's budget (:func:`batch_chunks`).  For the weight
+    gradient, kernel rows thinner than 8 (``C/g*kW``: LeNet's first layer) make GEMMs far
+    below peak, measured slower than the full buffer's copy.
+    """
+    n, c, h, w = x_shape
+    o, cg, kh, kw = w_shape
+    p = out_hw[0] * out_hw[1]
+    full = c * kh * kw * p  # per sample
+    if full > column_budget(n * c * h * w, n * o * p, o * cg * kh * kw):
+        return False
+    if kh * kw == 1 or stride != (1, 1):  # (a strided kernel row is not a view: no saving)
+        return True
+    if weight_grad and cg * kw < 8:
+        return True
+    hp = h + padding[0] + padding[1]
+    width_only = c * kw * hp * out_hw[1] + o * p + (2.5 * o * cg * kh * kw) / max(n, 1)
+    return full <= width_only
+
+
+def columns(
+    xp: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+    groups: int,
+    batch_inner: bool = False,
+) -> torch.Tensor:
+    """Full im2col: every window of ``xp`` as a column, ``(n, g, C/g*kH*kW, oH*oW)``.
+
+    ``cols[n, g, (c, i, j), (p, q)] = xp[n, g*C/g + c, p*sH + i*dH, q*sW + j*dW]``, one copy
+    out of a strided view (none for a 1x1 kernel at stride 1).  With ``batch_inner`` the
+    layout is ``(g, C/g*kH*kW, n*oH*oW)`` instead: one long contraction for the weight
+    gradient.
+    """
+    n, c = xp.shape[:2]
+    k = c // groups * kernel[0] * kernel[1]
+    win = windows(xp, kernel, stride, dilation, out_hw)  # (n, C, oH, oW, kH, kW)
+    if batch_inner:
+        return win.permute(1, 4, 5, 0, 2, 3).reshape(groups, k, -1)
+    return win.permute(0, 1, 4, 5, 2, 3).reshape(n, groups, k, -1)
+
+
+def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``(g, a, b)`` -> ``(n*g, a, b)``, the same matrices for every sample (a view if g == 1)."""
+    return t.expand(n, *t.shape).reshape(-1, *t.shape[1:])
+
+
+def _correlate_columns(
     xp: torch.Tensor,
     w: torch.Tensor,
     stride: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
     bias: torch.Tensor | None,
-    out_hw: tuple[int, int],
 ) -> torch.Tensor:
-    """Formula (1) for one chunk of the batch: ``(g, O/g, oH*n*oW)``, columns ``(p, n, q)``."""
+    """Formula (1) as one GEMM per sample (and group), ``w @ columns(xp)``: NCHW output."""
     n = xp.shape[0]
-    o, cg, kh, kw = w.shape
-    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
-    rows = row_windows(xp, kw, dw, sw, ow)
-    w_rows = w.reshape(groups, o // groups, cg, kh, kw)
-    y = None
-    for i in range(kh):
-        w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw)
-        m_i = kernel_row(rows, groups, i, dh, sh, oh)  # (g, C/g*kW, oH*n*oW), a view
-        if y is not None:
-            y = y.baddbmm_(w_i, m_i)  # y += w_i @ m_i
-        elif bias is None:
-            y = torch.bmm(w_i, m_i)
-        else:  # a fresh accumulator starting from the bias
-            b = bias.reshape(groups, o // groups, 1).expand(groups, o // groups, oh * n * ow)
-            y = torch.baddbmm(b, w_i, m_i)
-    return y
+    o, _, kh, kw = w.shape
+    oh = (xp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (xp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cols = columns(xp, (kh, kw), stride, dilation, (oh, ow), groups)
+    cols = cols.reshape(n * groups, -1, oh * ow)  # (vmap has no rule for flatten)
+    w_g = _per_sample(w.reshape(groups, o // groups, -1), n)  # (n*g, O/g, C/g*kH*kW)
+    out = xp.new_empty(n, o, oh, ow)  # filled in place, so the result is not a view
+    y = out.view(n * groups, o // groups, oh * ow)
+    if bias is None:
+        y.baddbmm_(w_g, cols, beta=0)  # (beta=0: the empty memory is ignored)
+    else:
+        b = bias.reshape(groups, o // groups, 1).expand(-1, -1, oh * ow)
+        y.copy_(_per_sample(b, n)).baddbmm_(w_g, cols)
+    return out
 
 
 def _pad(x: torch.Tensor, pad: Pad4) -> torch.Tensor:
@@ -221,31 +362,35 @@ def conv_input_grad(
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
 
-    Written literally for depthwise kernels: ``g`` is stride-dilated (zeros inserted),
-    padded by ``d*(k-1)`` on both sides, and correlated with the rotated kernel, whose
-    in/out channel roles are swapped.  Other kernels evaluate the same sum in its
-    scatter form (:func:`conv_input_grad_scatter`), which needs no zero-inserted copy of
-    ``g``.
+    Written literally for depthwise kernels and for size-preserving ("same") convs:
+    ``g`` is stride-dilated (zeros inserted), padded by ``d*(k-1)`` (for depthwise
+    implicitly: :func:`depthwise_correlate` reads only in-bounds taps) and correlated with
+    the rotated kernel, its in/out channel roles swapped, by the forward's own
+    :func:`correlate`.  Where that would spend most of its work on inserted or padded
+    zeros (a strided conv, a shrinking one such as LeNet's), the same sum is evaluated as
+    the transpose of the forward GEMMs instead: :func:`conv_input_grad_columns` (col2im)
+    or :func:`conv_input_grad_scatter` (row scatter).
     """
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
     _, cg, kh, kw = w.shape
     h, wd = input_hw
-    if not (cg == 1 and o == groups):
+    depthwise = cg == 1 and o == groups
+    if not depthwise and ((sh, sw) != (1, 1) or (oh, ow) != (h, wd)):
+        if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
+            return conv_input_grad_columns(g, w, input_hw, geo)
         return conv_input_grad_scatter(g, w, input_hw, geo)
     if (sh, sw) != (1, 1):  # stride-dilate g: insert s-1 zeros between its rows/columns
         g_dilated = g.new_zeros(n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1)
         g_dilated[:, :, ::sh, ::sw] = g
         g = g_dilated
-    # "full" padding d*(k-1) on both sides, minus the forward's padding (cropped away),
-    # plus the rows/cols at the end that the stride skipped (they receive zero gradient).
+    # "full" padding d*(k-1) on both sides of g, minus the forward's padding (cropped
+    # away); the output is the input's size (rows/cols a stride skipped get zero).
     full_h, full_w = dh * (kh - 1), dw * (kw - 1)
-    skipped_h = h + top + bottom - (g.shape[2] + full_h)
-    skipped_w = wd + left + right - (g.shape[3] + full_w)
-    g = _pad(
-        g, (full_h - top, full_h - bottom + skipped_h, full_w - left, full_w - right + skipped_w)
-    )
+    if depthwise:  # in/out channel roles coincide: rotating the kernel is all there is
+        pad = (full_h - top, full_w - left)
+        return depthwise_correlate(g, w.flip(-2, -1), (1, 1), pad, (dh, dw), input_hw)
     # rotate by 180 deg and swap in/out channels within each group: (C, O/g, kH, kW)
     w_rot = (
         w.reshape(groups, o // groups, cg, kh, kw)
@@ -253,7 +398,48 @@ def conv_input_grad(
         .reshape(groups * cg, o // groups, kh, kw)
         .flip(-2, -1)
     )
-    return correlate(g, w_rot, (1, 1), (0, 0, 0, 0), (dh, dw), groups)
+    pad4 = (full_h - top, full_h - bottom, full_w - left, full_w - right)
+    return correlate(g, w_rot, (1, 1), pad4, (dh, dw), groups)
+
+
+def conv_input_grad_columns(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    input_hw: tuple[int, int],
+    geo: ConvGeometry,
+) -> torch.Tensor:
+    """Formula (4) as the transpose of :func:`_correlate_columns`: per sample,
+    ``dcols = w^T @ g`` is the gradient of every window's column, and each kernel tap
+    ``(i, j)`` adds its rows back onto the pixels it read (col2im)."""
+    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
+    top, bottom, left, right = geo.padding
+    n, o, oh, ow = g.shape
+    _, cg, kh, kw = w.shape
+    c, (h, wd) = cg * groups, input_hw
+    hp, wp = h + top + bottom, wd + left + right
+    w_t = w.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (g, C/g*kH*kW, O/g)
+    budget = column_budget(n * c * h * wd, g.numel(), w.numel())
+    chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
+    gx = None if len(chunks) == 1 else g.new_empty(n, c, h, wd)
+    for part in chunks:
+        g_part = g[part]
+        m = g_part.shape[0]
+        dcols = torch.bmm(_per_sample(w_t, m), g_part.reshape(m * groups, o // groups, oh * ow))
+        dcols = dcols.view(m, c, kh, kw, oh, ow)
+        if kh * kw == 1 and (hp, wp) == (oh, ow):  # a 1x1 kernel read every pixel once
+            dxp = dcols.view(m, c, hp, wp)
+        else:
+            dxp = g.new_zeros(m, c, hp, wp)
+            for i in range(kh):
+                for j in range(kw):
+                    rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
+                    cols = slice(j * dw, j * dw + (ow - 1) * sw + 1, sw)
+                    at(dxp, (rows, cols)).add_(dcols[:, :, i, j])
+        dx = _pad(dxp, (-top, -bottom, -left, -right))  # the padding's gradient is dropped
+        if gx is None:
+            return dx
+        gx[part] = dx
+    return gx
 
 
 def conv_input_grad_scatter(
@@ -275,28 +461,35 @@ def conv_input_grad_scatter(
     c, kw = w.shape[1] * geo.groups, w.shape[3]
     hp, wp = input_hw[0] + top + bottom, input_hw[1] + left + right
     crop = (-top, -bottom, -left, -right)  # the padding's gradient is dropped
-    chunks = batch_chunks(n, c * kw * hp * ow, n * c * hp * wp, g.numel())
+    w_rows = weight_rows(w, geo.groups)
+    chunks = batch_chunks(n, c * kw * hp * ow, row_budget(n * c * hp * wp, g.numel()))
     if len(chunks) == 1:
-        return _pad(_scatter_rows(g, w, (hp, wp), geo), crop)
+        return _pad(_scatter_rows(g, w_rows, kw, (hp, wp), geo), crop)
     gx = g.new_empty(n, c, *input_hw)
     for part in chunks:  # samples are independent: a chunk of the batch at a time
-        gx[part] = _pad(_scatter_rows(g[part], w, (hp, wp), geo), crop)
+        gx[part] = _pad(_scatter_rows(g[part], w_rows, kw, (hp, wp), geo), crop)
     return gx
 
 
 def _scatter_rows(
-    g: torch.Tensor, w: torch.Tensor, padded_hw: tuple[int, int], geo: ConvGeometry
+    g: torch.Tensor,
+    w_rows: torch.Tensor,
+    kw: int,
+    padded_hw: tuple[int, int],
+    geo: ConvGeometry,
 ) -> torch.Tensor:
-    """Formula (4) for one chunk of the batch, onto the padded input ``(n, C, Hp, Wp)``."""
+    """Formula (4) for one chunk of the batch, onto the padded input ``(n, C, Hp, Wp)``.
+
+    ``w_rows``: the kernel by rows, ``(kH, g, O/g, C/g*kW)`` (:func:`weight_rows`).
+    """
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     n, o, oh, ow = g.shape
-    _, cg, kh, kw = w.shape
+    kh, cg = w_rows.shape[0], w_rows.shape[3] // kw
     hp, wp = padded_hw
     g_rows = gradient_rows(g, groups)  # g[o, (p, n, q)]
-    w_rows = w.reshape(groups, o // groups, cg, kh, kw)
     d_rows = g.new_zeros(groups, cg * kw, hp, n * ow)  # dL/d(row buffer)
     for i in range(kh):
-        w_i = w_rows[:, :, :, i, :].reshape(groups, o // groups, cg * kw).transpose(1, 2)
+        w_i = w_rows[i].transpose(1, 2)
         if sh == 1 and d_rows.numel() <= IN_PLACE_GEMM_MAX:
             # the rows kernel row i read are contiguous: accumulate the GEMM there
             d_at = d_rows if oh == hp else d_rows[:, :, i * dh : i * dh + oh]  # (vmap: no alias)
@@ -338,10 +531,13 @@ def conv_weight_grad(
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     n, c, h, w = x.shape
     _, _, oh, ow = g.shape
+    if use_columns(x.shape, w_shape, (oh, ow), geo.stride, geo.padding, weight_grad=True):
+        return conv_weight_grad_columns(x, g, w_shape, geo)
     top, bottom, left, right = geo.padding
     hp, wp = h + top + bottom, w + left + right
-    taps = [None] * kh  # taps[i]: (g, C/g*kW, O/g) = dw[:, :, i, :]^T
-    for part in batch_chunks(n, c * kw * hp * ow, n * c * hp * wp, g.numel()):
+    dw_rows = g.new_empty(kh, groups, cg * kw, o // groups)  # dw_rows[i] = dw[:, :, i, :]^T
+    chunks = batch_chunks(n, c * kw * hp * ow, row_budget(n * c * hp * wp, g.numel()))
+    for k, part in enumerate(chunks):
         rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow)
         # g[(p, n, q), o], contiguous: the GEMMs below run as (C/g*kW x P) @ (P x O/g),
         # the fast orientation for a long contraction over P = oH*n*oW
@@ -349,13 +545,35 @@ def conv_weight_grad(
         g_cols = g_part.reshape(-1, groups, o // groups).transpose(0, 1)
         for i in range(kh):
             m_i = kernel_row(rows, groups, i, dh, sh, oh)
-            taps[i] = torch.bmm(m_i, g_cols) if taps[i] is None else taps[i] + m_i @ g_cols
+            dw_rows[i].baddbmm_(m_i, g_cols, beta=min(k, 1))  # (beta=0: overwrite)
     return (
-        torch.stack(taps, 1)  # (g, kH, C/g, kW, O/g)
-        .reshape(groups, kh, cg, kw, o // groups)
-        .permute(0, 4, 2, 1, 3)
+        dw_rows.reshape(kh, groups, cg, kw, o // groups)
+        .permute(1, 4, 2, 0, 3)  # (g, O/g, C/g, kH, kW)
         .reshape(o, cg, kh, kw)
     )
+
+
+def conv_weight_grad_columns(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w_shape: torch.Size,
+    geo: ConvGeometry,
+) -> torch.Tensor:
+    """Formula (3) with the full im2col: ``dw = g @ columns(x)^T``, one GEMM per chunk of
+    the batch contracting over every output pixel of every sample in it."""
+    o, cg, kh, kw = w_shape
+    groups = geo.groups
+    n, c, h, wd = x.shape
+    _, _, oh, ow = g.shape
+    dw = g.new_empty(groups, o // groups, cg * kh * kw)
+    budget = column_budget(x.numel(), g.numel(), o * cg * kh * kw)
+    for k, part in enumerate(batch_chunks(n, c * kh * kw * oh * ow, budget)):
+        xp = _pad(x[part], geo.padding)
+        cols = columns(xp, (kh, kw), geo.stride, geo.dilation, (oh, ow), groups, batch_inner=True)
+        g_rows = g[part].reshape(-1, groups, o // groups, oh * ow).permute(1, 2, 0, 3)
+        g_rows = g_rows.reshape(groups, o // groups, -1)  # (g, O/g, n*oH*oW)
+        dw.baddbmm_(g_rows, cols.transpose(1, 2), beta=min(k, 1))  # (beta=0: overwrite)
+    return dw.view(w_shape)
 
 
 def conv_bias_grad(g: torch.Tensor) -> torch.Tensor:

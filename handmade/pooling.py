@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 from ._utils import (
     _pair,
+    at,
     check_input_rank,
     check_pool_args,
+    in_bounds_taps,
     pool_geometry,
     windows,
 )
@@ -59,62 +61,6 @@ def _window_rows(out: int, kernel: int, stride: int, pad: int, dilation: int) ->
     return [
         range(p * stride - pad, p * stride - pad + kernel * dilation, dilation) for p in range(out)
     ]
-
-
-def _tap_span(i: int, size: int, out: int, stride: int, pad: int, dilation: int):
-    """Along one axis, where tap ``i`` of the windows reads inside the input.
-
-    Output ``p`` reads input ``u = p*stride + i*dilation - pad``; returns the output slice
-    ``p0:p1`` for which ``0 <= u < size`` and the matching strided input slice, or ``None``
-    when the tap lies in the padding for every window.
-    """
-    shift = i * dilation - pad
-    p0 = max(0, -(shift // stride))  # the first p with u >= 0 (ceil(-shift / stride))
-    p1 = min(out, (size - 1 - shift) // stride + 1)
-    if p1 <= p0:
-        return None
-    u0 = p0 * stride + shift
-    return slice(p0, p1), slice(u0, u0 + (p1 - p0 - 1) * stride + 1, stride)
-
-
-class Tap(NamedTuple):
-    """Kernel tap ``(i, j)``: the outputs ``out`` whose window reads it in bounds, and the
-    input positions ``inp`` it reads for them (read with :func:`at`: a strided view)."""
-
-    offset: int  # flat input offset of this tap relative to tap (0, 0): i*dH*W + j*dW
-    out: tuple[slice, slice]
-    inp: tuple[slice, slice]
-    full: bool  # in bounds for every window
-
-
-def at(t: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
-    """``t[..., rows, cols]`` as a view; ``t`` itself when that is all of it (an alias
-    from a full-range slice would break vmap)."""
-    rows, cols = region
-    h, w = t.shape[-2:]
-    if rows.indices(h) == (0, h, 1) and cols.indices(w) == (0, w, 1):
-        return t
-    return t[..., rows, cols]
-
-
-def in_bounds_taps(input_hw: tuple[int, int], geo: PoolGeometry) -> list[Tap]:
-    """Every kernel tap in row-major (torch's scan) order, restricted to the input.
-
-    Padding is never materialized: a tap contributes only to the windows that read it
-    inside the input, so ``-inf``/zero padding needs no copy of ``x``.
-    """
-    (h, w), (kh, kw), (oh, ow) = input_hw, geo.kernel, geo.out
-    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
-    rows = [_tap_span(i, h, oh, sh, ph, dh) for i in range(kh)]
-    cols = [_tap_span(j, w, ow, sw, pw, dw) for j in range(kw)]
-    taps = []
-    for i, row in enumerate(rows):
-        for j, col in enumerate(cols):
-            if row is None or col is None:
-                continue
-            full = row[0] == slice(0, oh) and col[0] == slice(0, ow)
-            taps.append(Tap(i * dh * w + j * dw, (row[0], col[0]), (row[1], col[1]), full))
-    return taps
 
 
 # ----------------------------------------------------------------------------- max pool
@@ -154,7 +100,7 @@ def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, 
     * a NaN window equals nothing; torch keeps its *last* NaN, set in a fix-up pass.
     """
     (h, w), (oh, ow), (sh, sw), (ph, pw) = x.shape[-2:], geo.out, geo.stride, geo.padding
-    taps = in_bounds_taps((h, w), geo)
+    taps = in_bounds_taps((h, w), *geo)
     lead = x.shape[:-2]
     full = next((t for t in taps if t.full), None)
     if full is not None:
@@ -284,7 +230,7 @@ def avg_pool_forward(
     if fits and (ow - 1) * geo.stride[1] + kw <= w and (kh * kw > 16 or kh * kw == 1):
         sums = windows(x, geo.kernel, geo.stride, geo.dilation, geo.out).sum((-2, -1), dtype=acc)
     else:
-        taps = in_bounds_taps((h, w), geo)
+        taps = in_bounds_taps((h, w), *geo)
         first = taps[0]
         if first.full:
             sums = at(x, first.inp).to(acc, memory_format=torch.contiguous_format, copy=True)
@@ -322,7 +268,7 @@ def avg_pool_backward(
         crop = (0, w - ow * sw, 0, h - oh * sh)  # rows no window reached: zero gradient
         return frame if crop == (0, 0, 0, 0) else F.pad(frame, crop)
     gx = share.new_zeros(input_shape)
-    for t in in_bounds_taps((h, w), geo):
+    for t in in_bounds_taps((h, w), *geo):
         at(gx, t.inp).add_(at(share, t.out))
     return gx
 

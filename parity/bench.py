@@ -6,7 +6,10 @@ the smallest shape) it reports, per case and pass:
 
 * **time** -- the median of :class:`torch.utils.benchmark.Timer` ``blocked_autorange`` (which
   warms up, repeats until ``--min-run-time`` is spent, pins the thread count and synchronizes
-  CUDA), for torch and for handmade, and the ratio handmade/torch;
+  CUDA), for torch and for handmade, and the ratio handmade/torch. torch and handmade are timed
+  in ``--rounds`` alternating rounds and each keeps its fastest round, so a slow spell of a
+  shared machine (seen here: the same kernel 2x slower for minutes) hits both alike instead of
+  whichever happened to run during it;
 * **peak memory** -- the high-water mark of bytes allocated by the pass above what was live
   when it started. On CUDA: ``torch.cuda.max_memory_allocated()`` after
   ``reset_peak_memory_stats()``, minus ``memory_allocated()`` at the start. On CPU:
@@ -64,6 +67,7 @@ TARGETS = {
     "peak_memory_ratio_max": 2.0,
 }
 PASSES = ("fwd", "fwd+bwd")
+DEFAULT_ROUNDS = 3
 Pass = Callable[[], Any]
 
 
@@ -421,12 +425,24 @@ class Row:
         return data
 
 
-def measure(case: Case, pass_: str, device: torch.device, min_run_time: float, threads: int) -> Row:
-    """Time and measure torch and the candidate on one case and pass."""
+def measure(
+    case: Case,
+    pass_: str,
+    device: torch.device,
+    min_run_time: float,
+    threads: int,
+    rounds: int = DEFAULT_ROUNDS,
+) -> Row:
+    """Time and measure torch and the candidate on one case and pass.
+
+    Each is timed ``rounds`` times, alternating, and keeps its fastest round.
+    """
     torch_pass, candidate_pass = build_passes(case, pass_, device)
     torch_pass(), candidate_pass()  # warm-up (first-call allocations, lazy init)
-    torch_s = time_pass(torch_pass, min_run_time, threads)
-    cand_s = time_pass(candidate_pass, min_run_time, threads)
+    torch_s = cand_s = float("inf")
+    for _ in range(rounds):
+        torch_s = min(torch_s, time_pass(torch_pass, min_run_time, threads))
+        cand_s = min(cand_s, time_pass(candidate_pass, min_run_time, threads))
     is_reference = isinstance(case, OpCase) and case.reference
     torch_mem = peak_memory(torch_pass, device)
     cand_mem = (
@@ -455,6 +471,7 @@ def run(
     min_run_time: float,
     threads: int,
     progress: bool = True,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> list[Row]:
     """Measure every case (both passes for ops, one ``step`` for training) with a progress bar."""
     jobs = [(c, p) for c in cases for p in (("step",) if isinstance(c, TrainCase) else PASSES)]
@@ -463,7 +480,7 @@ def run(
     bar = tqdm(jobs, desc="bench", unit="row", disable=None if progress else True, file=sys.stderr)
     for case, pass_ in bar:
         bar.set_postfix_str(f"{case.name} {pass_}")
-        rows.append(measure(case, pass_, device, min_run_time, threads))
+        rows.append(measure(case, pass_, device, min_run_time, threads, rounds))
     return rows
 
 
@@ -638,6 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="minimum measuring time per timing (default: 0.2, or 0.02 with --quick)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        metavar="R",
+        help=f"time torch and handmade in R alternating rounds, keeping each one's fastest "
+        f"(default: {DEFAULT_ROUNDS}, or 1 with --quick)",
+    )
+    parser.add_argument(
         "--json",
         metavar="PATH",
         default=None,
@@ -660,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be >= 1")
     if args.min_run_time is not None and args.min_run_time <= 0:
         parser.error("--min-run-time must be > 0")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    rounds = args.rounds or (1 if args.quick else DEFAULT_ROUNDS)
     threads = args.threads or torch.get_num_threads()  # Timer pins it while timing
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
     device = torch.device(args.device)
@@ -681,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ResNet-style shapes at batch {RESNET_BATCH}; fwd = no_grad forward; fwd+bwd = "
         "forward + autograd.grad (LeNet conv1 input needs no grad)\n"
     )
-    rows = run(cases, device, min_run_time, threads, progress=not args.no_progress)
+    rows = run(cases, device, min_run_time, threads, not args.no_progress, rounds)
     summary = summarize(rows)
     print(format_table(rows))
     print(format_summary(summary))
@@ -692,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
                 "filter": args.filter,
                 "min_run_time": min_run_time,
+                "rounds": rounds,
                 "resnet_batch": RESNET_BATCH,
                 "threads": threads,
                 "device": args.device,

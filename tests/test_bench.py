@@ -67,12 +67,42 @@ def test_filter_selects_cases(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--filter", "no-such-case"], ["--threads", "0"], ["--min-run-time", "-1"], ["--bogus"]],
+    [
+        ["--filter", "no-such-case"],
+        ["--threads", "0"],
+        ["--min-run-time", "-1"],
+        ["--rounds", "0"],
+        ["--bogus"],
+    ],
 )
 def test_bad_arguments_exit_with_usage_error(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         bench.main(["--quick", *argv])
     assert exc.value.code == 2
+
+
+def test_rounds_alternate_and_keep_each_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch and handmade are timed in turn, round after round; each keeps its minimum."""
+
+    def torch_pass() -> torch.Tensor:
+        return torch.ones(8)
+
+    def handmade_pass() -> torch.Tensor:
+        return torch.ones(8)
+
+    timings = {torch_pass: iter([3.0, 2.0, 4.0]), handmade_pass: iter([5.0, 6.0, 1.0])}
+    order = []
+
+    def fake_time_pass(fn, min_run_time: float, threads: int) -> float:
+        order.append(fn)
+        return next(timings[fn])
+
+    monkeypatch.setattr(bench, "build_passes", lambda *args: (torch_pass, handmade_pass))
+    monkeypatch.setattr(bench, "time_pass", fake_time_pass)
+    case = bench.quick_cases()[0]
+    row = bench.measure(case, "fwd", torch.device("cpu"), 0.01, 1, rounds=3)
+    assert order == [torch_pass, handmade_pass] * 3
+    assert (row.torch_s, row.handmade_s, row.ratio) == (2.0, 1.0, 0.5)
 
 
 def test_cpu_peak_memory_tracks_live_bytes() -> None:
