@@ -7,6 +7,7 @@ name the problem, so a bad call fails before any tensor work starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -191,6 +192,7 @@ class Tap(NamedTuple):
     full: bool  # in bounds for every window
 
 
+@lru_cache(maxsize=256)  # pure in its ints; called on every pooling/depthwise pass
 def in_bounds_taps(
     input_hw: tuple[int, int],
     kernel: tuple[int, int],
@@ -198,7 +200,7 @@ def in_bounds_taps(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     out: tuple[int, int],
-) -> list[Tap]:
+) -> tuple[Tap, ...]:
     """Every kernel tap in row-major (torch's scan) order, restricted to the input.
 
     ``padding``: the rows/columns of padding before the input (top, left); what lies
@@ -217,4 +219,4 @@ def in_bounds_taps(
                 continue
             full = row[0] == slice(0, oh) and col[0] == slice(0, ow)
             taps.append(Tap((i, j), i * dh * w + j * dw, (row[0], col[0]), (row[1], col[1]), full))
-    return taps
+    return tuple(taps)

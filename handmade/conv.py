@@ -362,14 +362,15 @@ def conv_input_grad(
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
 
-    Written literally for depthwise kernels and for size-preserving ("same") convs:
-    ``g`` is stride-dilated (zeros inserted), padded by ``d*(k-1)`` (for depthwise
-    implicitly: :func:`depthwise_correlate` reads only in-bounds taps) and correlated with
-    the rotated kernel, its in/out channel roles swapped, by the forward's own
-    :func:`correlate`.  Where that would spend most of its work on inserted or padded
-    zeros (a strided conv, a shrinking one such as LeNet's), the same sum is evaluated as
-    the transpose of the forward GEMMs instead: :func:`conv_input_grad_columns` (col2im)
-    or :func:`conv_input_grad_scatter` (row scatter).
+    Written literally for depthwise kernels and for size-preserving ("same") convs with
+    a kernel small next to the activations: ``g`` is stride-dilated (zeros inserted),
+    padded by ``d*(k-1)`` (for depthwise implicitly: :func:`depthwise_correlate` reads
+    only in-bounds taps) and correlated with the rotated kernel, its in/out channel roles
+    swapped, by the forward's own :func:`correlate`.  Where that would spend most of its
+    work on inserted or padded zeros (a strided conv, a shrinking one such as LeNet's) or
+    on re-laying out a large kernel, the same sum is evaluated as the transpose of the
+    forward GEMMs instead, which uses the kernel as it is: :func:`conv_input_grad_columns`
+    (col2im) or :func:`conv_input_grad_scatter` (row scatter).
     """
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     top, bottom, left, right = geo.padding
@@ -377,7 +378,10 @@ def conv_input_grad(
     _, cg, kh, kw = w.shape
     h, wd = input_hw
     depthwise = cg == 1 and o == groups
-    if not depthwise and ((sh, sw) != (1, 1) or (oh, ow) != (h, wd)):
+    # the literal form re-lays out the kernel (a slow strided copy, weighted by its
+    # measured ~2.5x): worth it when the kernel is small next to the activations
+    small_kernel = 2.5 * w.numel() <= n * cg * groups * h * wd
+    if not depthwise and ((sh, sw) != (1, 1) or (oh, ow) != (h, wd) or not small_kernel):
         if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
             return conv_input_grad_columns(g, w, input_hw, geo)
         return conv_input_grad_scatter(g, w, input_hw, geo)

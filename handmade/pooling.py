@@ -28,6 +28,7 @@ so double backward works through autograd; the winners are saved from the forwar
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
@@ -66,9 +67,10 @@ def _window_rows(out: int, kernel: int, stride: int, pad: int, dilation: int) ->
 # ----------------------------------------------------------------------------- max pool
 
 
+@lru_cache(maxsize=256)  # pure in its ints; called on every max_pool2d call
 def _first_in_bounds(
     out: int, kernel: int, stride: int, pad: int, dilation: int, size: int
-) -> list[int]:
+) -> tuple[int, ...]:
     """Per output position, the window offset of its first in-bounds element.
 
     Raises for a window lying wholly in the padding: torch's CPU kernel reads out of
@@ -85,7 +87,7 @@ def _first_in_bounds(
                 f"or dilation."
             )
         firsts.append(inside[0])
-    return firsts
+    return tuple(firsts)
 
 
 def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,9 +185,10 @@ class MaxPool2dFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- avg pool
 
 
+@lru_cache(maxsize=256)  # pure in its ints; called on every avg_pool2d call
 def _divisors(
     size: int, out: int, kernel: int, stride: int, pad: int, count_include_pad: bool
-) -> list[int]:
+) -> tuple[int, ...]:
     """Per output position along one axis, the window length torch divides by."""
     lengths = []
     for coords in _window_rows(out, kernel, stride, pad, 1):
@@ -193,7 +196,7 @@ def _divisors(
         if not count_include_pad:
             start, end = max(start, 0), min(end, size)  # clipped to the input itself
         lengths.append(max(end - start, 0))
-    return lengths
+    return tuple(lengths)
 
 
 def avg_divisor(
