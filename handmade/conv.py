@@ -41,11 +41,13 @@ import torch.nn.functional as F
 
 from ._utils import (
     _pair,
+    apply_function,
     at,
     check_input_rank,
     check_non_negative,
     check_positive,
     in_bounds_taps,
+    legacy_twin,
     windows,
 )
 
@@ -659,6 +661,9 @@ class Conv2dFunction(torch.autograd.Function):
         return out_t.squeeze(0) if unbatched else out_t
 
 
+_Conv2dTwin = legacy_twin(Conv2dFunction)
+
+
 # ----------------------------------------------------------------------------- functional
 
 
@@ -767,4 +772,4 @@ def conv2d(
         (likewise ``W_out``).  The gradient comes from :class:`Conv2dFunction`.
     """
     geo = _conv_geometry(input, weight, bias, stride, padding, dilation, groups)
-    return Conv2dFunction.apply(input, weight, bias, geo)
+    return apply_function(Conv2dFunction, _Conv2dTwin, input, weight, bias, geo)

@@ -36,10 +36,12 @@ import torch.nn.functional as F
 
 from ._utils import (
     _pair,
+    apply_function,
     at,
     check_input_rank,
     check_pool_args,
     in_bounds_taps,
+    legacy_twin,
     pool_geometry,
     windows,
 )
@@ -153,11 +155,20 @@ class MaxPool2dFunction(torch.autograd.Function):
     gradient exactly where torch routes it.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         return max_pool_forward(x, geo)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, geo: PoolGeometry):
+        """Planes are pooled independently, so ``vmap`` folds its dimension into the
+        leading one and pools once (the forward's in-place passes and data-dependent NaN
+        test could not run per example)."""
+        if in_dims[0] is None:
+            return MaxPool2dFunction.apply(x, geo), (None, None)
+        x = x.movedim(in_dims[0], 0)
+        y, indices = MaxPool2dFunction.apply(x.reshape(-1, *x.shape[2:]), geo)
+        return (y.unflatten(0, x.shape[:2]), indices.unflatten(0, x.shape[:2])), (0, 0)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -231,7 +242,11 @@ def avg_pool_forward(
     h, w = x.shape[-2:]
     fits = geo.padding == (0, 0) and (oh - 1) * geo.stride[0] + kh <= h
     if fits and (ow - 1) * geo.stride[1] + kw <= w and (kh * kw > 16 or kh * kw == 1):
-        sums = windows(x, geo.kernel, geo.stride, geo.dilation, geo.out).sum((-2, -1), dtype=acc)
+        win = windows(x, geo.kernel, geo.stride, geo.dilation, geo.out)
+        constant = isinstance(divisor, int) and divisor == kh * kw
+        if constant and x.is_floating_point() and not low_precision:
+            return win.mean((-2, -1))  # sum and divide in one pass (global pooling)
+        sums = win.sum((-2, -1), dtype=acc)
     else:
         taps = in_bounds_taps((h, w), *geo)
         first = taps[0]
@@ -299,6 +314,10 @@ class AvgPool2dFunction(torch.autograd.Function):
         return avg_pool_forward(x_t, ctx.geo, ctx.divisor)
 
 
+_MaxPool2dTwin = legacy_twin(MaxPool2dFunction)
+_AvgPool2dTwin = legacy_twin(AvgPool2dFunction)
+
+
 # ----------------------------------------------------------------------------- functional
 
 
@@ -347,7 +366,7 @@ def max_pool2d(
     _first_in_bounds(
         geo.out[1], geo.kernel[1], geo.stride[1], geo.padding[1], geo.dilation[1], input.shape[-1]
     )
-    y, indices = MaxPool2dFunction.apply(input, geo)
+    y, indices = apply_function(MaxPool2dFunction, _MaxPool2dTwin, input, geo)
     return (y, indices) if return_indices else y
 
 
@@ -384,4 +403,4 @@ def avg_pool2d(
         if divisor_override == 0:
             raise RuntimeError("avg_pool2d: divisor must be not zero")
     divisor = avg_divisor(input, geo, bool(count_include_pad), divisor_override)
-    return AvgPool2dFunction.apply(input, geo, divisor)
+    return apply_function(AvgPool2dFunction, _AvgPool2dTwin, input, geo, divisor)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import handmade.functional as H
@@ -70,3 +71,38 @@ def test_pool_gradcheck_and_gradgradcheck(name: str, unbatched: bool) -> None:
     fn = lambda a: op(a, **kwargs)  # noqa: E731
     assert gradcheck(fn, (x,), check_forward_ad=True, check_batched_grad=True, fast_mode=True)
     assert gradgradcheck(fn, (x,), check_batched_grad=True, fast_mode=True)
+
+
+TRANSFORM_CASES = {  # (handmade, torch, argnums to differentiate)
+    "conv2d": (
+        lambda t, w: H.conv2d(t, w, padding=1),
+        lambda t, w: F.conv2d(t, w, padding=1),
+        (0, 1),
+    ),
+    "max_pool2d": (lambda t, w: H.max_pool2d(t, 2), lambda t, w: F.max_pool2d(t, 2), (0,)),
+    "avg_pool2d": (
+        lambda t, w: H.avg_pool2d(t, 3, 1, 1),
+        lambda t, w: F.avg_pool2d(t, 3, 1, 1),
+        (0,),
+    ),
+}
+
+
+@pytest.mark.parametrize("op", TRANSFORM_CASES)
+def test_torch_func_transforms_match_torch(op: str) -> None:
+    """Under torch.func transforms (vmap over the forward, grad) the ops run as the
+    setup_context Functions, elsewhere as their faster legacy twins: both agree with torch."""
+    ours, theirs, argnums = TRANSFORM_CASES[op]
+    x = _distinct(3, 2, 4, 6, 6).detach()
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    vmapped = torch.func.vmap(ours, (0, None))(x, w)
+    torch.testing.assert_close(vmapped, torch.func.vmap(theirs, (0, None))(x, w))
+    loss = lambda f: lambda t, ww: f(t, ww).square().sum()  # noqa: E731
+    for argnum in argnums:
+        grad = torch.func.grad(loss(ours), argnum)(x[0], w)
+        torch.testing.assert_close(grad, torch.func.grad(loss(theirs), argnum)(x[0], w))
+    plain = x[0].clone().requires_grad_()
+    y = ours(plain, w)
+    assert type(y.grad_fn).__name__.endswith("FunctionBackward")  # our rule, not torch's
+    (gx,) = torch.autograd.grad(y.square().sum(), plain)
+    torch.testing.assert_close(gx, torch.func.grad(loss(theirs))(x[0], w))
