@@ -58,8 +58,11 @@ Pad4 = tuple[int, int, int, int]  # (top, bottom, left, right)
 # Above this many elements, a GEMM accumulating in place into a strided slice is slower
 # (measured) than a separate GEMM followed by an add.
 IN_PLACE_GEMM_MAX = 1 << 21
-# Row buffers this small (elements) are never split into batch chunks.
+# A chunk's buffer may always take this many elements (512 kB of float32) ...
 MIN_ROW_BUFFER = 1 << 17
+# ... and a whole batch's this many (1.5 MB) is never split: for LeNet-sized layers the
+# per-chunk overhead costs more (measured) than the memory is worth.
+UNSPLIT_BUFFER = 3 << 17
 
 
 class ConvGeometry(NamedTuple):
@@ -197,9 +200,10 @@ def weight_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
 
 def batch_chunks(n: int, per_sample: int, budget: int) -> list[slice]:
     """Split a batch of ``n`` into equal slices whose buffers (``per_sample`` elements
-    each) fit ``budget`` elements (:func:`row_budget`, :func:`column_budget`)."""
+    each) fit ``budget`` elements (:func:`row_budget`, :func:`column_budget`); a batch
+    within ``UNSPLIT_BUFFER`` elements stays whole."""
     count = -(-n * per_sample // budget)  # ceil
-    if count <= 1:
+    if count <= 1 or n * per_sample <= UNSPLIT_BUFFER:
         return [slice(None)]
     size = -(-n // count)
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
