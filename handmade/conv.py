@@ -63,6 +63,8 @@ MIN_ROW_BUFFER = 1 << 17
 # ... and a whole batch's this many (1.5 MB) is never split: for LeNet-sized layers the
 # per-chunk overhead costs more (measured) than the memory is worth.
 UNSPLIT_BUFFER = 3 << 17
+# Output pixels per sample from which the full-im2col forward runs one GEMM per sample.
+PER_SAMPLE_COLUMNS = 512
 
 
 class ConvGeometry(NamedTuple):
@@ -322,21 +324,31 @@ def _correlate_columns(
     groups: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Formula (1) as one GEMM per sample (and group), ``w @ columns(xp)``: NCHW output."""
+    """Formula (1) as ``w @ columns(xp)``: one GEMM per sample (and group), written
+    straight in NCHW.  Under ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs
+    are too narrow (measured): one GEMM over the whole batch's columns, then a permute."""
     n = xp.shape[0]
     o, _, kh, kw = w.shape
     oh = (xp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (xp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    w_g = w.reshape(groups, o // groups, -1)  # (g, O/g, C/g*kH*kW)
+    b = None if bias is None else bias.reshape(groups, o // groups, 1)
+    free_view = kh * kw == 1 and stride == (1, 1)  # a 1x1 kernel's columns are x itself
+    if oh * ow < PER_SAMPLE_COLUMNS and not free_view:
+        cols = columns(xp, (kh, kw), stride, dilation, (oh, ow), groups, batch_inner=True)
+        if b is None:
+            y = torch.bmm(w_g, cols)
+        else:
+            y = torch.baddbmm(b.expand(-1, -1, cols.shape[-1]), w_g, cols)
+        return y.view(o, n, oh, ow).transpose(0, 1).contiguous()
     cols = columns(xp, (kh, kw), stride, dilation, (oh, ow), groups)
     cols = cols.reshape(n * groups, -1, oh * ow)  # (vmap has no rule for flatten)
-    w_g = _per_sample(w.reshape(groups, o // groups, -1), n)  # (n*g, O/g, C/g*kH*kW)
     out = xp.new_empty(n, o, oh, ow)  # filled in place, so the result is not a view
     y = out.view(n * groups, o // groups, oh * ow)
-    if bias is None:
-        y.baddbmm_(w_g, cols, beta=0)  # (beta=0: the empty memory is ignored)
+    if b is None:
+        y.baddbmm_(_per_sample(w_g, n), cols, beta=0)  # (beta=0: the empty memory is ignored)
     else:
-        b = bias.reshape(groups, o // groups, 1).expand(-1, -1, oh * ow)
-        y.copy_(_per_sample(b, n)).baddbmm_(w_g, cols)
+        y.copy_(_per_sample(b.expand(-1, -1, oh * ow), n)).baddbmm_(_per_sample(w_g, n), cols)
     return out
 
 
