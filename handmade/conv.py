@@ -18,13 +18,19 @@ Differentiating (1) term by term:
 
 Where each is computed:
 
-    (1) :func:`conv_forward` -> :func:`correlate`: a width-only im2col (:func:`row_windows`)
-        and one GEMM per kernel row ``i`` over the rows that row reads (:func:`kernel_row`).
+    (1) :func:`conv_forward` -> :func:`correlate`, in one of two GEMM layouts picked per
+        shape by :func:`use_columns`: a width-only im2col (:func:`row_windows`) and one
+        GEMM per kernel row ``i`` over the rows that row reads (:func:`kernel_row`); or
+        the full im2col (:func:`columns`) and one GEMM straight into NCHW
+        (:func:`_correlate_columns`).  Depthwise kernels: one multiply-add per kernel tap
+        (:func:`depthwise_correlate`).
     (2) :func:`conv_bias_grad`: one reduction.
-    (3) :func:`conv_weight_grad`: per kernel row, one GEMM of ``g`` with the same rows.
-    (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel
-        (a call to :func:`correlate`) for depthwise kernels; otherwise the same sum in its
-        scatter form, :func:`conv_input_grad_scatter`, which needs no zero-inserted copy of g.
+    (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``: per
+        kernel row against the same rows, or :func:`conv_weight_grad_columns`.
+    (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
+        call to :func:`correlate`) for depthwise and size-preserving convs; otherwise the
+        same sum as the transpose of the forward's GEMMs, :func:`conv_input_grad_columns`
+        (col2im) or :func:`conv_input_grad_scatter`, which need no zero-inserted copy of g.
 
 The backward is built from differentiable elementary ops, so autograd can differentiate it
 again (double backward); the forward-mode rule uses bilinearity:
@@ -153,10 +159,11 @@ def correlate(
     """Formula (1) on a batched input, zero-padded by ``padding``.
 
     ``x``: ``(N, C, H, W)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
-    The sum over ``(c, i, j)`` is split by kernel row: for each ``i`` one batched GEMM
-    contracts ``w[:, :, i, :]`` with the input rows that kernel row sees.  The padded
-    input and its row buffer are built for a chunk of the batch at a time
-    (:func:`batch_chunks`), so they stay within what torch's own kernels keep alive.
+    Either the sum over ``(c, i, j)`` is split by kernel row -- for each ``i`` one batched
+    GEMM contracts ``w[:, :, i, :]`` with the input rows that kernel row sees -- or it is
+    one GEMM over full im2col columns (:func:`use_columns` picks).  The padded input and
+    its buffer are built for a chunk of the batch at a time (:func:`batch_chunks`), so
+    they stay within what torch's own kernels keep alive.
     """
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
