@@ -88,6 +88,7 @@ TRANSFORM_CASES = {  # (handmade, torch, argnums to differentiate)
 }
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap fallback
 @pytest.mark.parametrize("op", TRANSFORM_CASES)
 def test_torch_func_transforms_match_torch(op: str) -> None:
     """Under torch.func transforms (vmap over the forward, grad) the ops run as the
