@@ -1,4 +1,5 @@
-"""Argument normalization and output-size rules, in one place (as torch's ``_pair``).
+"""Argument normalization and output-size rules, in one place (as torch's ``_pair``), and
+the helpers every op shares: window views, kernel taps, and the autograd-Function twins.
 
 Every op validates its arguments here, with torch's exception types and messages that
 name the problem, so a bad call fails before any tensor work starts.
