@@ -251,5 +251,8 @@ def apply_function(
     cls: type[torch.autograd.Function], twin: type[torch.autograd.Function], *args: Any
 ) -> Any:
     """``cls.apply(*args)``; through its :func:`legacy_twin` outside ``torch.func`` transforms."""
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
-    return (cls if transforms_active() else twin).apply(*args)
+    return (cls if _transforms_active() else twin).apply(*args)
+
+
+# (private in torch: without it, always take the transform-ready Function)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)

@@ -40,6 +40,7 @@ again (double backward); the forward-mode rule uses bilinearity:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -176,24 +177,22 @@ def correlate(
     if use_columns(x.shape, w.shape, (oh, ow), stride, padding):
         budget = column_budget(x.numel(), n * o * oh * ow, w.numel())
         chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
-        if len(chunks) == 1:
-            return _correlate_columns(_pad(x, padding), w, stride, dilation, groups, bias)
-        out = x.new_empty(n, o, oh, ow)
-        for part in chunks:
-            xp = _pad(x[part], padding)
-            out[part] = _correlate_columns(xp, w, stride, dilation, groups, bias)
-        return out
+        return over_chunks(
+            lambda x_part: _correlate_columns(
+                _pad(x_part, padding), w, stride, dilation, groups, bias, (oh, ow)
+            ),
+            chunks,
+            (n, o, oh, ow),
+            x,
+        )
     w_rows = weight_rows(w, groups)
+
+    def rows_chunk(x_part: torch.Tensor) -> torch.Tensor:
+        y = _correlate_rows(_pad(x_part, padding), w_rows, kw, stride, dilation, bias, (oh, ow))
+        return y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)  # (n, O, oH, oW)
+
     chunks = batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), n * o * oh * ow))
-    if len(chunks) == 1:
-        y = _correlate_rows(_pad(x, padding), w_rows, kw, stride, dilation, bias, (oh, ow))
-        return y.reshape(o, oh, n, ow).permute(2, 0, 1, 3).contiguous()  # (N, O, oH, oW)
-    out = x.new_empty(n, o, oh, ow)
-    for part in chunks:
-        xp = _pad(x[part], padding)
-        y = _correlate_rows(xp, w_rows, kw, stride, dilation, bias, (oh, ow))
-        out[part] = y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)
-    return out
+    return over_chunks(rows_chunk, chunks, (n, o, oh, ow), x)
 
 
 def weight_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -216,6 +215,23 @@ def batch_chunks(n: int, per_sample: int, budget: int) -> list[slice]:
         return [slice(None)]
     size = -(-n // count)
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def over_chunks(
+    fn: Callable[..., torch.Tensor],
+    chunks: list[slice],
+    out_shape: tuple[int, ...],
+    *batched: torch.Tensor,
+) -> torch.Tensor:
+    """``fn(*batched)``, computed a chunk of the batch at a time (samples are independent)
+    into one ``out_shape`` result; with a single chunk, ``fn`` sees the whole tensors (no
+    full-range slice: its alias would break vmap) and its result is made contiguous."""
+    if len(chunks) == 1:
+        return fn(*batched).contiguous()
+    out = batched[0].new_empty(out_shape)
+    for part in chunks:
+        out[part] = fn(*(t[part] for t in batched))
+    return out
 
 
 def row_budget(input_numel: int, output_numel: int) -> int:
@@ -330,14 +346,14 @@ def _correlate_columns(
     dilation: tuple[int, int],
     groups: int,
     bias: torch.Tensor | None,
+    out_hw: tuple[int, int],
 ) -> torch.Tensor:
     """Formula (1) as ``w @ columns(xp)``: one GEMM per sample (and group), written
     straight in NCHW.  Under ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs
     are too narrow (measured): one GEMM over the whole batch's columns, then a permute."""
     n = xp.shape[0]
     o, _, kh, kw = w.shape
-    oh = (xp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (xp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = out_hw
     w_g = w.reshape(groups, o // groups, -1)  # (g, O/g, C/g*kH*kW)
     b = None if bias is None else bias.reshape(groups, o // groups, 1)
     free_view = kh * kw == 1 and stride == (1, 1)  # a 1x1 kernel's columns are x itself
@@ -447,11 +463,8 @@ def conv_input_grad_columns(
     c, (h, wd) = cg * groups, input_hw
     hp, wp = h + top + bottom, wd + left + right
     w_t = w.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (g, C/g*kH*kW, O/g)
-    budget = column_budget(n * c * h * wd, g.numel(), w.numel())
-    chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
-    gx = None if len(chunks) == 1 else g.new_empty(n, c, h, wd)
-    for part in chunks:
-        g_part = g[part]
+
+    def col2im_chunk(g_part: torch.Tensor) -> torch.Tensor:
         m = g_part.shape[0]
         dcols = torch.bmm(_per_sample(w_t, m), g_part.reshape(m * groups, o // groups, oh * ow))
         dcols = dcols.view(m, c, kh, kw, oh, ow)
@@ -464,11 +477,11 @@ def conv_input_grad_columns(
                     rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
                     cols = slice(j * dw, j * dw + (ow - 1) * sw + 1, sw)
                     at(dxp, (rows, cols)).add_(dcols[:, :, i, j])
-        dx = _pad(dxp, (-top, -bottom, -left, -right))  # the padding's gradient is dropped
-        if gx is None:
-            return dx
-        gx[part] = dx
-    return gx
+        return _pad(dxp, (-top, -bottom, -left, -right))  # the padding's gradient is dropped
+
+    budget = column_budget(n * c * h * wd, g.numel(), w.numel())
+    chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
+    return over_chunks(col2im_chunk, chunks, (n, c, h, wd), g)
 
 
 def conv_input_grad_scatter(
@@ -492,12 +505,12 @@ def conv_input_grad_scatter(
     crop = (-top, -bottom, -left, -right)  # the padding's gradient is dropped
     w_rows = weight_rows(w, geo.groups)
     chunks = batch_chunks(n, c * kw * hp * ow, row_budget(n * c * hp * wp, g.numel()))
-    if len(chunks) == 1:
-        return _pad(_scatter_rows(g, w_rows, kw, (hp, wp), geo), crop)
-    gx = g.new_empty(n, c, *input_hw)
-    for part in chunks:  # samples are independent: a chunk of the batch at a time
-        gx[part] = _pad(_scatter_rows(g[part], w_rows, kw, (hp, wp), geo), crop)
-    return gx
+    return over_chunks(
+        lambda g_part: _pad(_scatter_rows(g_part, w_rows, kw, (hp, wp), geo), crop),
+        chunks,
+        (n, c, *input_hw),
+        g,
+    )
 
 
 def _scatter_rows(
