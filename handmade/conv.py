@@ -72,6 +72,10 @@ MIN_ROW_BUFFER = 1 << 17
 UNSPLIT_BUFFER = 3 << 17
 # Output pixels per sample from which the full-im2col forward runs one GEMM per sample.
 PER_SAMPLE_COLUMNS = 512
+# Kernel rows thinner than this (``C/g*kW``: LeNet's first layer, 5) make GEMMs over the
+# whole batch far below peak (measured): such stride-1 convs run one GEMM per sample and
+# kernel row (:func:`per_sample_rows`).
+THIN_KERNEL_ROW = 8
 
 
 class ConvGeometry(NamedTuple):
@@ -86,20 +90,25 @@ class ConvGeometry(NamedTuple):
 # ----------------------------------------------------------------------------- core math
 
 
-def row_windows(xp: torch.Tensor, kw: int, dw: int, sw: int, ow: int) -> torch.Tensor:
+def row_windows(
+    xp: torch.Tensor, kw: int, dw: int, sw: int, ow: int, batch_outer: bool = False
+) -> torch.Tensor:
     """im2col along the width only: ``(N, C, Hp, Wp) -> (C, kW, Hp, N, oW)``.
 
     ``rows[c, j, u, n, q] = xp[n, c, u, q*sW + j*dW]``, one copy out of a strided view.
     Kernel row ``i`` reads the slice ``u = p*sH + i*dH`` of this buffer, so all windows
     are reachable without the full ``kH*kW``-fold im2col matrix; with the batch inside,
-    each slice is one wide matrix ``(C*kW, oH*N*oW)``, a free view for stride 1.
+    each slice is one wide matrix ``(C*kW, oH*N*oW)``, a free view for stride 1.  With
+    ``batch_outer`` the layout is ``(N, C, kW, Hp, oW)``: one matrix per sample
+    (:func:`sample_kernel_row`).
     """
     n, c, hp, _ = xp.shape
     st = xp.stride()
-    view = xp.as_strided(
-        (c, kw, hp, n, ow), (st[1], st[3] * dw, st[2], st[0], st[3] * sw), xp.storage_offset()
-    )
-    return view.contiguous()
+    if batch_outer:
+        shape, strides = (n, c, kw, hp, ow), (st[0], st[1], st[3] * dw, st[2], st[3] * sw)
+    else:
+        shape, strides = (c, kw, hp, n, ow), (st[1], st[3] * dw, st[2], st[0], st[3] * sw)
+    return xp.as_strided(shape, strides, xp.storage_offset()).contiguous()
 
 
 def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: int) -> torch.Tensor:
@@ -112,6 +121,20 @@ def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: in
     if not (i == 0 and sh == 1 and oh == hp):  # (a full-range slice would break vmap)
         rows = rows[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, :]
     return rows.reshape(groups, c // groups * kw, oh * n * ow)
+
+
+def sample_kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, oh: int) -> torch.Tensor:
+    """Stride 1: the input seen by kernel row ``i``, per sample: ``(N*g, C/g*kW, oH*oW)``.
+
+    ``rows``: :func:`row_windows` with ``batch_outer``.
+    ``out[(n, g), (c, j), (p, q)] = xp[n, g*C/g + c, p + i*dH, q*sW + j*dW]``, a view: the
+    rows ``p + i*dH`` of a sample are one contiguous run.
+    """
+    n, c, kw, hp, ow = rows.shape
+    rows = rows.reshape(n * groups, c // groups * kw, hp * ow)
+    if oh == hp:  # (a full-range slice would break vmap)
+        return rows
+    return rows[:, :, i * dh * ow : (i * dh + oh) * ow]
 
 
 def depthwise_correlate(
@@ -174,6 +197,17 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if cg == 1 and o == groups:
         return depthwise_correlate(x, w, stride, (padding[0], padding[2]), dilation, (oh, ow), bias)
+    if per_sample_rows(w.shape, stride):
+        w_rows = weight_rows(w, groups)
+        chunks = batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), n * o * oh * ow))
+        return over_chunks(
+            lambda x_part: _correlate_sample_rows(
+                _pad(x_part, padding), w_rows, kw, stride[1], dilation, bias, (oh, ow)
+            ),
+            chunks,
+            (n, o, oh, ow),
+            x,
+        )
     if use_columns(x.shape, w.shape, (oh, ow), stride, padding):
         budget = column_budget(x.numel(), n * o * oh * ow, w.numel())
         chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
@@ -277,13 +311,52 @@ def _correlate_rows(
     return y
 
 
+def per_sample_rows(w_shape: torch.Size, stride: tuple[int, int]) -> bool:
+    """Whether a conv runs per sample (:func:`_correlate_sample_rows`,
+    :func:`conv_weight_grad_sample_rows`): stride 1 down the height and kernel rows
+    thinner than ``THIN_KERNEL_ROW``."""
+    return stride[0] == 1 and w_shape[1] * w_shape[3] < THIN_KERNEL_ROW
+
+
+def _correlate_sample_rows(
+    xp: torch.Tensor,
+    w_rows: torch.Tensor,
+    kw: int,
+    sw: int,
+    dilation: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Formula (1) for one chunk, stride 1 down the height: per sample and kernel row
+    ``i`` one GEMM ``w[:, :, i, :] @ sample_kernel_row(i)``, accumulated straight into
+    NCHW ``(n, O, oH, oW)``.
+
+    ``w_rows``: the kernel by rows, ``(kH, g, O/g, C/g*kW)`` (:func:`weight_rows`).
+    """
+    n = xp.shape[0]
+    kh, groups, og, _ = w_rows.shape
+    (dh, dw), (oh, ow) = dilation, out_hw
+    rows = row_windows(xp, kw, dw, sw, ow, batch_outer=True)
+    y = None
+    for i in range(kh):
+        m_i = sample_kernel_row(rows, groups, i, dh, oh)  # (n*g, C/g*kW, oH*oW), a view
+        w_i = _per_sample(w_rows[i], n)
+        if y is not None:
+            y = y.baddbmm_(w_i, m_i)  # y += w_i @ m_i
+        elif bias is None:
+            y = torch.bmm(w_i, m_i)
+        else:  # a fresh accumulator starting from the bias
+            b = _per_sample(bias.reshape(groups, og, 1).expand(groups, og, oh * ow), n)
+            y = torch.baddbmm(b, w_i, m_i)
+    return y.view(n, groups * og, oh, ow)
+
+
 def use_columns(
     x_shape: torch.Size,
     w_shape: torch.Size,
     out_hw: tuple[int, int],
     stride: tuple[int, int],
     padding: Pad4,
-    weight_grad: bool = False,
 ) -> bool:
     """Pick the full im2col (:func:`columns`) over the width-only one (:func:`row_windows`).
 
@@ -291,9 +364,7 @@ def use_columns(
     weight re-laid out (a slow small-stride copy) and their output permuted to NCHW; the
     full one needs neither, and a 1x1 kernel reads the input as it is.  Estimated copy
     costs (element counts, the strided weight copy weighted by its measured ~2.5x) decide;
-    a full buffer must fit one sample's budget (:func:`batch_chunks`).  For the weight
-    gradient, kernel rows thinner than 8 (``C/g*kW``: LeNet's first layer) make GEMMs far
-    below peak, measured slower than the full buffer's copy.
+    a full buffer must fit one sample's budget (:func:`batch_chunks`).
     """
     n, c, h, w = x_shape
     o, cg, kh, kw = w_shape
@@ -302,8 +373,6 @@ def use_columns(
     if full > column_budget(n * c * h * w, n * o * p, o * cg * kh * kw):
         return False
     if kh * kw == 1 or stride != (1, 1):  # (a strided kernel row is not a view: no saving)
-        return True
-    if weight_grad and cg * kw < 8:
         return True
     hp = h + padding[0] + padding[1]
     width_only = c * kw * hp * out_hw[1] + o * p + (2.5 * o * cg * kh * kw) / max(n, 1)
@@ -573,7 +642,9 @@ def conv_weight_grad(
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     n, c, h, w = x.shape
     _, _, oh, ow = g.shape
-    if use_columns(x.shape, w_shape, (oh, ow), geo.stride, geo.padding, weight_grad=True):
+    if per_sample_rows(w_shape, geo.stride):
+        return conv_weight_grad_sample_rows(x, g, w_shape, geo)
+    if use_columns(x.shape, w_shape, (oh, ow), geo.stride, geo.padding):
         return conv_weight_grad_columns(x, g, w_shape, geo)
     top, bottom, left, right = geo.padding
     hp, wp = h + top + bottom, w + left + right
@@ -591,6 +662,40 @@ def conv_weight_grad(
     return (
         dw_rows.reshape(kh, groups, cg, kw, o // groups)
         .permute(1, 4, 2, 0, 3)  # (g, O/g, C/g, kH, kW)
+        .reshape(o, cg, kh, kw)
+    )
+
+
+def conv_weight_grad_sample_rows(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w_shape: torch.Size,
+    geo: ConvGeometry,
+) -> torch.Tensor:
+    """Formula (3) for :func:`per_sample_rows` convs, the transpose of
+    :func:`_correlate_sample_rows`: per sample and kernel row ``i`` one GEMM
+    ``dw[:, :, i, :] += g[n] @ sample_kernel_row(i)[n]^T``, then a sum over the batch."""
+    o, cg, kh, kw = w_shape
+    (dh, dw), groups = geo.dilation, geo.groups
+    n, c, h, w = x.shape
+    _, _, oh, ow = g.shape
+    hp = h + geo.padding[0] + geo.padding[1]
+    dw_rows = None  # (kH, g, O/g, C/g*kW): dw_rows[i] = dw[:, :, i, :]
+    for part in batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), g.numel())):
+        rows = row_windows(_pad(x[part], geo.padding), kw, dw, geo.stride[1], ow, batch_outer=True)
+        m = rows.shape[0]
+        g_part = g[part].reshape(m * groups, o // groups, oh * ow)
+        per_sample = torch.stack(
+            [
+                torch.bmm(g_part, sample_kernel_row(rows, groups, i, dh, oh).transpose(1, 2))
+                for i in range(kh)
+            ]
+        )  # (kH, m*g, O/g, C/g*kW)
+        part_sum = per_sample.view(kh, m, groups, o // groups, cg * kw).sum(1)
+        dw_rows = part_sum if dw_rows is None else dw_rows + part_sum
+    return (
+        dw_rows.view(kh, groups, o // groups, cg, kw)
+        .permute(1, 2, 3, 0, 4)  # (g, O/g, C/g, kH, kW)
         .reshape(o, cg, kh, kw)
     )
 
