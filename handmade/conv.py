@@ -22,11 +22,14 @@ Where each is computed:
         shape by :func:`use_columns`: a width-only im2col (:func:`row_windows`) and one
         GEMM per kernel row ``i`` over the rows that row reads (:func:`kernel_row`); or
         the full im2col (:func:`columns`) and one GEMM straight into NCHW
-        (:func:`_correlate_columns`).  Depthwise kernels: one multiply-add per kernel tap
-        (:func:`depthwise_correlate`).
+        (:func:`_correlate_columns`).  Kernel rows too thin for a batch-wide GEMM
+        (LeNet's first layer): the width-only im2col per sample, one GEMM per sample and
+        kernel row (:func:`_correlate_sample_rows`).  Depthwise kernels: one multiply-add
+        per kernel tap (:func:`depthwise_correlate`).
     (2) :func:`conv_bias_grad`: one reduction.
-    (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``: per
-        kernel row against the same rows, or :func:`conv_weight_grad_columns`.
+    (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
+        the same buffers: :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
+        :func:`conv_weight_grad_sample_rows`.
     (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
         call to :func:`correlate`) for depthwise and size-preserving convs; otherwise the
         same sum as the transpose of the forward's GEMMs, :func:`conv_input_grad_columns`
@@ -314,8 +317,9 @@ def _correlate_rows(
 def per_sample_rows(w_shape: torch.Size, stride: tuple[int, int]) -> bool:
     """Whether a conv runs per sample (:func:`_correlate_sample_rows`,
     :func:`conv_weight_grad_sample_rows`): stride 1 down the height and kernel rows
-    thinner than ``THIN_KERNEL_ROW``."""
-    return stride[0] == 1 and w_shape[1] * w_shape[3] < THIN_KERNEL_ROW
+    thinner than ``THIN_KERNEL_ROW`` (not 1x1: its columns are the input as it is)."""
+    _, cg, kh, kw = w_shape
+    return stride[0] == 1 and cg * kw < THIN_KERNEL_ROW and kh * kw > 1
 
 
 def _correlate_sample_rows(
@@ -634,18 +638,29 @@ def conv_weight_grad(
     w_shape: torch.Size,
     geo: ConvGeometry,
 ) -> torch.Tensor:
-    """Formula (3): dL/dw, the correlation of the padded input with ``g``.
+    """Formula (3): dL/dw, the correlation of the padded input with ``g``, in the GEMM
+    layout the forward uses for this shape: :func:`conv_weight_grad_sample_rows`,
+    :func:`conv_weight_grad_columns` or :func:`conv_weight_grad_rows`."""
+    if per_sample_rows(w_shape, geo.stride):
+        return conv_weight_grad_sample_rows(x, g, w_shape, geo)
+    if use_columns(x.shape, w_shape, tuple(g.shape[-2:]), geo.stride, geo.padding):
+        return conv_weight_grad_columns(x, g, w_shape, geo)
+    return conv_weight_grad_rows(x, g, w_shape, geo)
 
-    Kernel row by kernel row: ``dw[:, :, i, :] = sum_n g[n] @ kernel_row(x, i)[n]^T``.
-    """
+
+def conv_weight_grad_rows(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w_shape: torch.Size,
+    geo: ConvGeometry,
+) -> torch.Tensor:
+    """Formula (3) kernel row by kernel row, the transpose of :func:`_correlate_rows`:
+    ``dw[:, :, i, :] = g @ kernel_row(i)^T``, contracting over every output pixel of
+    every sample of a chunk at once."""
     o, cg, kh, kw = w_shape
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     n, c, h, w = x.shape
     _, _, oh, ow = g.shape
-    if per_sample_rows(w_shape, geo.stride):
-        return conv_weight_grad_sample_rows(x, g, w_shape, geo)
-    if use_columns(x.shape, w_shape, (oh, ow), geo.stride, geo.padding):
-        return conv_weight_grad_columns(x, g, w_shape, geo)
     top, bottom, left, right = geo.padding
     hp, wp = h + top + bottom, w + left + right
     dw_rows = g.new_empty(kh, groups, cg * kw, o // groups)  # dw_rows[i] = dw[:, :, i, :]^T

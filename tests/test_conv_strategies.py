@@ -1,0 +1,149 @@
+"""Each way handmade's conv2d can compute a pass agrees with torch, whole and in chunks.
+
+conv2d picks a GEMM layout per shape and splits large batches into chunks (see
+:mod:`handmade.conv`); the parity sweep's small shapes reach some layouts only by chance
+and never split a batch.  Here every case names the functions that must compute its
+forward and its backward (a spy records them, so a changed dispatch rule fails the test
+instead of silently leaving a layout untested), and runs once whole and once with the
+buffer budgets shrunk so that every batch of 5 is split.  Forward and every gradient are
+compared with torch's in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import handmade.conv as conv
+import handmade.functional as H
+from parity.checks import compare
+
+# the functions that do a pass's work, one per layout
+LAYOUTS = (
+    "depthwise_correlate",
+    "_correlate_sample_rows",
+    "_correlate_rows",
+    "_correlate_columns",
+    "conv_weight_grad_sample_rows",
+    "conv_weight_grad_rows",
+    "conv_weight_grad_columns",
+    "conv_input_grad_columns",
+    "conv_input_grad_scatter",
+)
+
+# name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts
+CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
+    "thin rows, per sample (LeNet conv1)": (
+        (5, 1, 12, 12),
+        (3, 1, 5, 5),
+        dict(padding=2),
+        "_correlate_sample_rows",
+        {"_correlate_rows", "conv_weight_grad_sample_rows"},  # dL/dx: literal correlation
+    ),
+    "thin rows, per sample, groups + dilation + width stride": (
+        (5, 4, 11, 12),
+        (4, 2, 3, 3),
+        dict(groups=2, dilation=(2, 1), stride=(1, 2), padding=1),
+        "_correlate_sample_rows",
+        {"conv_input_grad_columns", "conv_weight_grad_sample_rows"},
+    ),
+    "width-only rows, same size": (
+        (5, 8, 10, 10),
+        (6, 8, 3, 3),
+        dict(padding=1),
+        "_correlate_rows",
+        {"_correlate_rows", "conv_weight_grad_rows"},
+    ),
+    "width-only rows, shrinking (LeNet conv2)": (
+        (5, 6, 14, 14),
+        (16, 6, 5, 5),
+        {},
+        "_correlate_rows",
+        {"conv_input_grad_scatter", "conv_weight_grad_rows"},
+    ),
+    "full columns, one GEMM per sample": (
+        (5, 4, 48, 48),
+        (6, 4, 3, 3),
+        dict(stride=2, padding=1),
+        "_correlate_columns",
+        {"conv_input_grad_columns", "conv_weight_grad_columns"},
+    ),
+    "full columns, batch inside": (
+        (5, 4, 9, 9),
+        (6, 4, 3, 3),
+        dict(stride=2, padding=1),
+        "_correlate_columns",
+        {"conv_input_grad_columns", "conv_weight_grad_columns"},
+    ),
+    "1x1": (
+        (5, 6, 7, 7),
+        (4, 6, 1, 1),
+        {},
+        "_correlate_columns",
+        {"_correlate_columns", "conv_weight_grad_columns"},
+    ),
+    "depthwise, strided": (
+        (5, 3, 9, 9),
+        (3, 1, 3, 3),
+        dict(groups=3, stride=2, padding=1),
+        "depthwise_correlate",
+        {"depthwise_correlate", "conv_weight_grad_columns"},
+    ),
+}
+
+# no buffer larger than the input: nothing to split
+UNBUFFERED = {"1x1", "depthwise, strided"}
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the layout functions called, in order."""
+    calls: list[str] = []
+    for name in LAYOUTS:
+        original = getattr(conv, name)
+
+        @functools.wraps(original)
+        def recorded(*args: Any, _original=original, _name=name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(conv, name, recorded)
+    return calls
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("case", CASES)
+def test_each_layout_matches_torch(
+    case: str, split: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x_shape, w_shape, kwargs, forward_layout, backward_layouts = CASES[case]
+    if split:  # every buffer over budget: each batch is cut into chunks
+        monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
+        monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        for shape in (x_shape, w_shape, w_shape[:1])
+    )
+    y = H.conv2d(x, w, b, **kwargs)
+    forward_calls = list(spy)
+    upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    spy.clear()
+    grads = torch.autograd.grad(y, (x, w, b), upstream)
+
+    assert set(forward_calls) == {forward_layout}
+    assert set(spy) == backward_layouts
+    if split and case not in UNBUFFERED:  # the forward's layout ran once per chunk
+        assert len(forward_calls) > 1
+
+    y_ref = F.conv2d(x, w, b, **kwargs)
+    refs = torch.autograd.grad(y_ref, (x, w, b), upstream)
+    for name, actual, expected in zip(
+        ("y", "dx", "dw", "db"), (y, *grads), (y_ref, *refs), strict=True
+    ):
+        result = compare(name, actual, expected, exact=False)
+        assert result.ok, result.message
