@@ -539,9 +539,15 @@ def conv_input_grad_columns(
 
     def col2im_chunk(g_part: torch.Tensor) -> torch.Tensor:
         m = g_part.shape[0]
-        dcols = torch.bmm(_per_sample(w_t, m), g_part.reshape(m * groups, o // groups, oh * ow))
-        dcols = dcols.view(m, c, kh, kw, oh, ow)
-        if kh * kw == 1 and (hp, wp) == (oh, ow):  # a 1x1 kernel read every pixel once
+        free_view = kh * kw == 1 and (hp, wp) == (oh, ow)  # a 1x1 kernel read every pixel once
+        if oh * ow < PER_SAMPLE_COLUMNS and not free_view:  # as the forward: one GEMM
+            g_rows = g_part.reshape(m, groups, o // groups, oh * ow).permute(1, 2, 0, 3)
+            dcols = torch.bmm(w_t, g_rows.reshape(groups, o // groups, m * oh * ow))
+            dcols = dcols.view(c, kh, kw, m, oh, ow).permute(3, 0, 1, 2, 4, 5)
+        else:
+            g_rows = g_part.reshape(m * groups, o // groups, oh * ow)
+            dcols = torch.bmm(_per_sample(w_t, m), g_rows).view(m, c, kh, kw, oh, ow)
+        if free_view:
             dxp = dcols.view(m, c, hp, wp)
         else:
             dxp = g.new_zeros(m, c, hp, wp)
