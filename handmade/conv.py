@@ -634,7 +634,7 @@ def _add_at(
         return buf + value  # (a full-range slice would break vmap)
     index = [slice(None)] * buf.dim()
     index[dim] = slice(start, start + (length - 1) * step + 1, step)
-    buf[tuple(index)] += value
+    buf[tuple(index)].add_(value)
     return buf
 
 
