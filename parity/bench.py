@@ -17,7 +17,12 @@ the smallest shape) it reports, per case and pass:
   every allocation and free of torch's CPU allocator (intermediates inside aten kernels
   included, which a dispatch-level tracker would miss) as signed byte counts with timestamps,
   and the peak is the maximum of their running sum in time order. For the NumPy reference it is
-  :mod:`tracemalloc`'s peak (NumPy reports its buffers there).
+  :mod:`tracemalloc`'s peak (NumPy reports its buffers there);
+* **page faults per call** -- minor page faults of this process over a few extra calls of each
+  pass after its timing (``getrusage``; ``-`` where unavailable). On a VM where touching a
+  fresh page is expensive, a pass whose outputs land in memory glibc has just handed back to
+  the kernel runs several times slower than the same pass with none: a fault column far from
+  zero explains an outlying time (either side's) that the ops themselves do not.
 
 Passes: ``fwd`` is an inference forward under :func:`torch.no_grad`; ``fwd+bwd`` is the forward
 with autograd recording, then :func:`torch.autograd.grad` of every tensor that needs a gradient
@@ -353,6 +358,22 @@ def time_pass(fn: Pass, min_run_time: float, threads: int) -> float:
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
+FAULT_CALLS = 3  # extra calls of a pass to count its page faults
+
+
+def page_faults_per_call(fn: Pass, calls: int = FAULT_CALLS) -> float | None:
+    """Minor page faults of this process per call of ``fn`` (``None`` without ``resource``,
+    e.g. on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2 (kineto logs a line at every profiler start and stop)."""
@@ -417,6 +438,8 @@ class Row:
     torch_peak_bytes: int
     handmade_peak_bytes: int
     memory_ratio: float | None
+    torch_faults: float | None = None
+    handmade_faults: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The row as a JSON object (``pass_`` spelled ``pass``)."""
@@ -444,6 +467,8 @@ def measure(
         torch_s = min(torch_s, time_pass(torch_pass, min_run_time, threads))
         cand_s = min(cand_s, time_pass(candidate_pass, min_run_time, threads))
     is_reference = isinstance(case, OpCase) and case.reference
+    torch_faults = page_faults_per_call(torch_pass)
+    cand_faults = page_faults_per_call(candidate_pass)
     torch_mem = peak_memory(torch_pass, device)
     cand_mem = (
         reference_peak_memory(candidate_pass)
@@ -462,6 +487,8 @@ def measure(
         torch_peak_bytes=torch_mem,
         handmade_peak_bytes=cand_mem,
         memory_ratio=None if is_reference or torch_mem <= 0 else cand_mem / torch_mem,
+        torch_faults=torch_faults,
+        handmade_faults=cand_faults,
     )
 
 
@@ -542,9 +569,24 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _fmt_faults(n: float | None) -> str:
+    return "-" if n is None else f"{n:.0f}"
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """Plain-text table, one line per row."""
-    header = ("case", "shape", "pass", "torch", "handmade", "ratio", "torch mem", "hm mem", "mem x")
+    header = (
+        "case",
+        "shape",
+        "pass",
+        "torch",
+        "handmade",
+        "ratio",
+        "torch mem",
+        "hm mem",
+        "mem x",
+        "faults t/hm",
+    )
     lines = [
         (
             r.case + (" *" if r.candidate != "handmade" else ""),
@@ -556,6 +598,7 @@ def format_table(rows: Sequence[Row]) -> str:
             _fmt_bytes(r.torch_peak_bytes),
             _fmt_bytes(r.handmade_peak_bytes),
             "-" if r.memory_ratio is None else f"{r.memory_ratio:.2f}",
+            f"{_fmt_faults(r.torch_faults)}/{_fmt_faults(r.handmade_faults)}",
         )
         for r in rows
     ]
@@ -563,6 +606,10 @@ def format_table(rows: Sequence[Row]) -> str:
     fmt = "  ".join(f"{{:{'<' if i < 3 else '>'}{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
+    out.append(
+        "faults t/hm: minor page faults per call after timing (torch/handmade); far from 0, the "
+        "time includes re-touching memory the allocator returned to the OS"
+    )
     if any(r.candidate != "handmade" for r in rows):
         out.append(
             "* numpy-reference rows: the 'handmade' columns hold the explicit-loop NumPy "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ ROW_KEYS = {
     "torch_peak_bytes",
     "handmade_peak_bytes",
     "memory_ratio",
+    "torch_faults",
+    "handmade_faults",
 }
 
 
@@ -50,6 +53,8 @@ def test_quick_run_writes_valid_json(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert math.isclose(row["ratio"], row["handmade_s"] / row["torch_s"])
         assert row["torch_peak_bytes"] > 0 and row["handmade_peak_bytes"] > 0, row["case"]
         assert (row["memory_ratio"] is None) == (row["candidate"] == "numpy-reference")
+        for key in ("torch_faults", "handmade_faults"):
+            assert row[key] is None or row[key] >= 0, (row["case"], key)
 
     printed = capsys.readouterr().out
     assert "targets:" in printed and "lenet train step" in printed
@@ -117,3 +122,16 @@ def test_cpu_peak_memory_tracks_live_bytes() -> None:
 
     peak = bench.peak_memory(allocate, torch.device("cpu"))
     assert 3_000_000 <= peak < 3_100_000
+
+
+def test_page_faults_per_call_counts_fresh_pages() -> None:
+    pytest.importorskip("resource")  # (Unix only: elsewhere the column reads "-")
+
+    def touch_fresh_pages() -> None:  # 4 MiB of fresh anonymous memory, every page written
+        with mmap.mmap(-1, 4 << 20) as buf:
+            for offset in range(0, len(buf), mmap.PAGESIZE):
+                buf[offset] = 1
+
+    pages = (4 << 20) // mmap.PAGESIZE
+    assert bench.page_faults_per_call(touch_fresh_pages) >= pages // 2
+    assert bench.page_faults_per_call(lambda: None) < pages // 20
