@@ -728,11 +728,22 @@ def conv_weight_grad_columns(
     geo: ConvGeometry,
 ) -> torch.Tensor:
     """Formula (3) with the full im2col: ``dw = g @ columns(x)^T``, one GEMM per chunk of
-    the batch contracting over every output pixel of every sample in it."""
+    the batch contracting over every output pixel of every sample in it.
+
+    A 1x1 kernel at stride 1 without padding reads the input as it is: rather than copy it
+    into one batch-wide buffer, one GEMM per sample on ``x`` itself, then a sum over the
+    batch (while those per-sample results are no larger than the input).
+    """
     o, cg, kh, kw = w_shape
     groups = geo.groups
     n, c, h, wd = x.shape
     _, _, oh, ow = g.shape
+    as_is = kh * kw == 1 and geo.stride == (1, 1) and geo.padding == (0, 0, 0, 0)
+    if as_is and n * o * cg <= x.numel():
+        g_s = g.reshape(n * groups, o // groups, oh * ow)
+        x_s = x.reshape(n * groups, cg, h * wd)
+        per_sample = torch.bmm(g_s, x_s.transpose(1, 2))  # (n*g, O/g, C/g)
+        return per_sample.view(n, o, cg).sum(0).view(w_shape)
     dw = g.new_empty(groups, o // groups, cg * kh * kw)
     budget = column_budget(x.numel(), g.numel(), o * cg * kh * kw)
     for k, part in enumerate(batch_chunks(n, c * kh * kw * oh * ow, budget)):
