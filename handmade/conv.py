@@ -341,18 +341,15 @@ def _correlate_sample_rows(
     kh, groups, og, _ = w_rows.shape
     (dh, dw), (oh, ow) = dilation, out_hw
     rows = row_windows(xp, kw, dw, sw, ow, batch_outer=True)
-    y = None
+    out = xp.new_empty(n, groups * og, oh, ow)  # filled in place: the result is not a view
+    y = out.view(n * groups, og, oh * ow)
+    if bias is not None:
+        y.copy_(_per_sample(bias.reshape(groups, og, 1).expand(groups, og, oh * ow), n))
     for i in range(kh):
         m_i = sample_kernel_row(rows, groups, i, dh, oh)  # (n*g, C/g*kW, oH*oW), a view
-        w_i = _per_sample(w_rows[i], n)
-        if y is not None:
-            y = y.baddbmm_(w_i, m_i)  # y += w_i @ m_i
-        elif bias is None:
-            y = torch.bmm(w_i, m_i)
-        else:  # a fresh accumulator starting from the bias
-            b = _per_sample(bias.reshape(groups, og, 1).expand(groups, og, oh * ow), n)
-            y = torch.baddbmm(b, w_i, m_i)
-    return y.view(n, groups * og, oh, ow)
+        # y += w_i @ m_i (beta=0 first without a bias: the empty memory is ignored)
+        y.baddbmm_(_per_sample(w_rows[i], n), m_i, beta=0 if i == 0 and bias is None else 1)
+    return out
 
 
 def use_columns(
