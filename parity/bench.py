@@ -18,11 +18,12 @@ the smallest shape) it reports, per case and pass:
   included, which a dispatch-level tracker would miss) as signed byte counts with timestamps,
   and the peak is the maximum of their running sum in time order. For the NumPy reference it is
   :mod:`tracemalloc`'s peak (NumPy reports its buffers there);
-* **page faults per call** -- minor page faults of this process over a few extra calls of each
-  pass after its timing (``getrusage``; ``-`` where unavailable). On a VM where touching a
-  fresh page is expensive, a pass whose outputs land in memory glibc has just handed back to
-  the kernel runs several times slower than the same pass with none: a fault column far from
-  zero explains an outlying time (either side's) that the ops themselves do not.
+* **page faults per call** (CPU) -- minor page faults of this process over a few extra calls of
+  each pass after its timing (``getrusage``; ``-`` where unavailable or on CUDA). On a VM
+  where touching a fresh page is expensive, a pass whose outputs land in memory glibc has just
+  handed back to the kernel runs several times slower than the same pass with none: a fault
+  column far from zero explains an outlying time (either side's) that the ops themselves do
+  not.
 
 Passes: ``fwd`` is an inference forward under :func:`torch.no_grad`; ``fwd+bwd`` is the forward
 with autograd recording, then :func:`torch.autograd.grad` of every tensor that needs a gradient
@@ -467,8 +468,9 @@ def measure(
         torch_s = min(torch_s, time_pass(torch_pass, min_run_time, threads))
         cand_s = min(cand_s, time_pass(candidate_pass, min_run_time, threads))
     is_reference = isinstance(case, OpCase) and case.reference
-    torch_faults = page_faults_per_call(torch_pass)
-    cand_faults = page_faults_per_call(candidate_pass)
+    on_cpu = device.type == "cpu"  # (a GPU pass's time does not wait on host page faults)
+    torch_faults = page_faults_per_call(torch_pass) if on_cpu else None
+    cand_faults = page_faults_per_call(candidate_pass) if on_cpu else None
     torch_mem = peak_memory(torch_pass, device)
     cand_mem = (
         reference_peak_memory(candidate_pass)
