@@ -187,7 +187,8 @@ def correlate(
 
     ``x``: ``(N, C, H, W)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
     Either the sum over ``(c, i, j)`` is split by kernel row -- for each ``i`` one batched
-    GEMM contracts ``w[:, :, i, :]`` with the input rows that kernel row sees -- or it is
+    GEMM contracts ``w[:, :, i, :]`` with the input rows that kernel row sees, over the
+    whole chunk or, for thin kernel rows, per sample (:func:`per_sample_rows`) -- or it is
     one GEMM over full im2col columns (:func:`use_columns` picks).  The padded input and
     its buffer are built for a chunk of the batch at a time (:func:`batch_chunks`), so
     they stay within what torch's own kernels keep alive.
@@ -200,18 +201,8 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if cg == 1 and o == groups:
         return depthwise_correlate(x, w, stride, (padding[0], padding[2]), dilation, (oh, ow), bias)
-    if per_sample_rows(w.shape, stride):
-        w_rows = weight_rows(w, groups)
-        chunks = batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), n * o * oh * ow))
-        return over_chunks(
-            lambda x_part: _correlate_sample_rows(
-                _pad(x_part, padding), w_rows, kw, stride[1], dilation, bias, (oh, ow)
-            ),
-            chunks,
-            (n, o, oh, ow),
-            x,
-        )
-    if use_columns(x.shape, w.shape, (oh, ow), stride, padding):
+    per_sample = per_sample_rows(w.shape, stride)
+    if not per_sample and use_columns(x.shape, w.shape, (oh, ow), stride, padding):
         budget = column_budget(x.numel(), n * o * oh * ow, w.numel())
         chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
         return over_chunks(
@@ -222,10 +213,13 @@ def correlate(
             (n, o, oh, ow),
             x,
         )
-    w_rows = weight_rows(w, groups)
+    w_rows = weight_rows(w, groups)  # both width-only layouts: one GEMM per kernel row
 
     def rows_chunk(x_part: torch.Tensor) -> torch.Tensor:
-        y = _correlate_rows(_pad(x_part, padding), w_rows, kw, stride, dilation, bias, (oh, ow))
+        xp = _pad(x_part, padding)
+        if per_sample:  # (n, O, oH, oW) directly
+            return _correlate_sample_rows(xp, w_rows, kw, sw, dilation, bias, (oh, ow))
+        y = _correlate_rows(xp, w_rows, kw, stride, dilation, bias, (oh, ow))
         return y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)  # (n, O, oH, oW)
 
     chunks = batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), n * o * oh * ow))
@@ -695,7 +689,7 @@ def conv_weight_grad_sample_rows(
     ``dw[:, :, i, :] += g[n] @ sample_kernel_row(i)[n]^T``, then a sum over the batch."""
     o, cg, kh, kw = w_shape
     (dh, dw), groups = geo.dilation, geo.groups
-    n, c, h, w = x.shape
+    n, c, h, _ = x.shape
     _, _, oh, ow = g.shape
     hp = h + geo.padding[0] + geo.padding[1]
     dw_rows = None  # (kH, g, O/g, C/g*kW): dw_rows[i] = dw[:, :, i, :]
