@@ -25,6 +25,14 @@ the smallest shape) it reports, per case and pass:
   column far from zero explains an outlying time (either side's) that the ops themselves do
   not.
 
+**Allocator** (``--allocator``, CPU): by default (``steady``) glibc's malloc is told, for this
+process, to keep freed memory for reuse -- no ``mmap`` for large blocks, no trimming of the heap
+(:func:`keep_freed_memory`) -- the effect of the jemalloc/tcmalloc that PyTorch's CPU
+performance guide recommends for training. Without it (``system``), whether a pass's output
+lands on pages the kernel must fault in again depends on what the cases before it freed: here
+the same torch depthwise forward took 0.48 ms with no faults and 1.7 ms with 1,024 per call,
+and which side a run penalized changed from run to run. Both sides run under the same setting.
+
 Passes: ``fwd`` is an inference forward under :func:`torch.no_grad`; ``fwd+bwd`` is the forward
 with autograd recording, then :func:`torch.autograd.grad` of every tensor that needs a gradient
 in training, with a fixed random upstream gradient. Parameters (weight, bias) always need one;
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import logging
 import os
@@ -361,6 +370,29 @@ def time_pass(fn: Pass, min_run_time: float, threads: int) -> float:
 
 FAULT_CALLS = 3  # extra calls of a pass to count its page faults
 
+ALLOCATORS = ("steady", "system")
+# mallopt(3) parameters, from glibc's <malloc.h>
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in this process for reuse: no ``mmap`` for large
+    blocks (each would be unmapped on free and fault its pages in again on the next
+    allocation) and no trimming of the heap's free top.
+
+    Torch's CPU tensors come from ``malloc``, so afterwards a pass that allocates what an
+    earlier one freed reuses pages already mapped. It cannot be undone; memory freed stays
+    with the process until it exits. Returns whether it took effect (``False`` where the C
+    library has no ``mallopt``: not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20))
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
 
 def page_faults_per_call(fn: Pass, calls: int = FAULT_CALLS) -> float | None:
     """Minor page faults of this process per call of ``fn`` (``None`` without ``resource``,
@@ -373,6 +405,17 @@ def page_faults_per_call(fn: Pass, calls: int = FAULT_CALLS) -> float | None:
     for _ in range(calls):
         fn()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block (as the Timer does)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -469,8 +512,9 @@ def measure(
         cand_s = min(cand_s, time_pass(candidate_pass, min_run_time, threads))
     is_reference = isinstance(case, OpCase) and case.reference
     on_cpu = device.type == "cpu"  # (a GPU pass's time does not wait on host page faults)
-    torch_faults = page_faults_per_call(torch_pass) if on_cpu else None
-    cand_faults = page_faults_per_call(candidate_pass) if on_cpu else None
+    with _num_threads(threads):  # as while timed
+        torch_faults = page_faults_per_call(torch_pass) if on_cpu else None
+        cand_faults = page_faults_per_call(candidate_pass) if on_cpu else None
     torch_mem = peak_memory(torch_pass, device)
     cand_mem = (
         reference_peak_memory(candidate_pass)
@@ -610,7 +654,7 @@ def format_table(rows: Sequence[Row]) -> str:
     out += [fmt.format(*line) for line in lines]
     out.append(
         "faults t/hm: minor page faults per call after timing (torch/handmade); far from 0, the "
-        "time includes re-touching memory the allocator returned to the OS"
+        "time includes re-touching memory the allocator returned to the OS (--allocator)"
     )
     if any(r.candidate != "handmade" for r in rows):
         out.append(
@@ -712,6 +756,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_ROUNDS}, or 1 with --quick)",
     )
     parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="steady",
+        help="steady (default): glibc malloc keeps freed memory for reuse (no mmap, no "
+        "trimming; the effect of jemalloc/tcmalloc), so no pass of either side re-faults "
+        "fresh pages -- the noise that dominated some rows here; system: malloc as it is "
+        "(see the faults column). CPU only; glibc only",
+    )
+    parser.add_argument(
         "--json",
         metavar="PATH",
         default=None,
@@ -749,10 +802,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--filter {args.filter!r} matches no case")
 
     info = machine_info(device, threads)
+    allocator = args.allocator
+    if allocator == "steady" and not keep_freed_memory():
+        allocator = "system"
+        print("--allocator steady: this C library has no mallopt; using it as it is")
     print(
         f"{info['cpu']} | {info['logical_cpus']} logical CPUs | {threads} torch threads | "
         f"torch {info['torch']} | device {info['device']}"
         + (f" ({info['gpu']})" if "gpu" in info else "")
+        + f" | allocator {allocator}"
     )
     print(
         f"ResNet-style shapes at batch {RESNET_BATCH}; fwd = no_grad forward; fwd+bwd = "
@@ -773,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                 "resnet_batch": RESNET_BATCH,
                 "threads": threads,
                 "device": args.device,
+                "allocator": allocator,
             },
             "rows": [r.to_json() for r in rows],
             "summary": summary,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,13 +35,15 @@ ROW_KEYS = {
 def test_quick_run_writes_valid_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
     argv = ["--quick", "--threads", "1", "--min-run-time", "0.005", "--no-progress"]
-    status = bench.main([*argv, "--json", str(out)])
+    # (allocator "system": "steady" would change malloc for the rest of this test process)
+    status = bench.main([*argv, "--allocator", "system", "--json", str(out)])
     assert status == 0
 
     data = json.loads(out.read_text())
     assert set(data) == {"machine", "settings", "rows", "summary"}
     assert {"cpu", "logical_cpus", "torch_threads", "torch", "device"} <= set(data["machine"])
     assert data["machine"]["torch_threads"] == 1
+    assert data["settings"]["allocator"] == "system"
     assert set(data["summary"]["targets"]) == set(bench.TARGETS)
 
     rows = data["rows"]
@@ -63,6 +68,7 @@ def test_quick_run_writes_valid_json(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_filter_selects_cases(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = ["--quick", "--filter", "AVGPOOL", "--min-run-time", "0.005", "--no-progress"]
+    argv += ["--allocator", "system"]
     assert bench.main([*argv, "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows and all("avgpool" in r["case"] for r in rows)
@@ -77,6 +83,7 @@ def test_filter_selects_cases(tmp_path: Path) -> None:
         ["--threads", "0"],
         ["--min-run-time", "-1"],
         ["--rounds", "0"],
+        ["--allocator", "jemalloc"],
         ["--bogus"],
     ],
 )
@@ -135,3 +142,37 @@ def test_page_faults_per_call_counts_fresh_pages() -> None:
     pages = (4 << 20) // mmap.PAGESIZE
     assert bench.page_faults_per_call(touch_fresh_pages) >= pages // 2
     assert bench.page_faults_per_call(lambda: None) < pages // 20
+
+
+# Run in a fresh interpreter: keep_freed_memory() changes malloc for the whole process.
+ALLOCATION_PROBE = """
+import sys, torch
+from parity import bench
+if sys.argv[1] == "steady":
+    assert bench.keep_freed_memory()
+def fresh_64_mib():
+    torch.empty(16 << 20).fill_(1.0)
+bench.page_faults_per_call(fresh_64_mib, calls=5)  # (the heap settles in its first calls)
+print(bench.page_faults_per_call(fresh_64_mib, calls=5))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_steady_allocator_stops_refaulting_freed_memory() -> None:
+    """Under the system allocator a 64 MiB tensor (above glibc's largest mmap threshold) is
+    mapped, and its pages faulted in, on every allocation; under ``steady`` it reuses the heap."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    faults = {}
+    for allocator in bench.ALLOCATORS:
+        done = subprocess.run(
+            [sys.executable, "-c", ALLOCATION_PROBE, allocator],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        faults[allocator] = float(done.stdout.split()[-1])
+    pages = (64 << 20) // mmap.PAGESIZE
+    assert faults["system"] >= pages // 2, faults
+    assert faults["steady"] < pages // 20, faults
