@@ -611,10 +611,12 @@ def _scatter_rows(
             d_i = torch.bmm(w_i, g_rows).reshape(groups, cg * kw, oh, n * ow)
             d_rows = _add_at(d_rows, 2, i * dh, oh, sh, d_i)
     d_rows = d_rows.reshape(groups * cg, kw, hp, n, ow)
-    dxp = g.new_zeros(n, groups * cg, hp, wp)
+    # the width scatter in the buffer's own (C, Hp, n, .) layout, whose adds read contiguous
+    # runs (through the NCHW permute they took 1.2-1.3x as long), then one permute to NCHW
+    dxp = g.new_zeros(groups * cg, hp, n, wp)
     for j in range(kw):
-        dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows[:, j].permute(2, 0, 1, 3))
-    return dxp
+        dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows[:, j])
+    return dxp.permute(2, 0, 1, 3)  # (n, C, Hp, Wp)
 
 
 def _add_at(
