@@ -95,23 +95,54 @@ def _first_in_bounds(
 def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """Formula (1): the window maxima and their flat indices into each ``H*W`` plane.
 
-    One pass per kernel tap over strided views of the input (no copy, no padding):
+    The running maximum and the winner are computed tap by tap -- by :func:`_max_pool_tiled`
+    where the windows tile the input, else by :func:`_max_pool_taps` -- and then a NaN
+    window, which equals none of its taps, gets its *last* NaN, as torch keeps it.
+    """
+    h, w = x.shape[-2:]
+    taps = in_bounds_taps((h, w), *geo)
+    if _tiles(x, geo):
+        y, index = _max_pool_tiled(x, geo)
+    else:
+        y, index = _max_pool_taps(x, geo, taps)
+    if x.is_floating_point() and y.sum().isnan():  # (a sum is NaN if any y is; cheap test)
+        nan_window = y.isnan()
+        base = _window_origins(geo, w, x.device)
+        for t in taps:  # the last NaN tap of a NaN window wins
+            take = at(nan_window, t.out) & at(x, t.inp).isnan()
+            index_t = at(index, t.out)
+            index_t.copy_(torch.where(take, at(base, t.out) + t.offset, index_t))
+    return y, index
+
+
+def _window_origins(
+    geo: PoolGeometry, w: int, device: torch.device, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """Flat index of window ``(p, q)``'s tap (0, 0): ``(p*sH - pH) * W + (q*sW - pW)``."""
+    (oh, ow), (sh, sw), (ph, pw) = geo.out, geo.stride, geo.padding
+    p = torch.arange(oh, device=device, dtype=dtype).view(-1, 1)
+    q = torch.arange(ow, device=device, dtype=dtype).view(1, -1)
+    return (p * sh - ph) * w + (q * sw - pw)
+
+
+def _max_pool_taps(
+    x: torch.Tensor, geo: PoolGeometry, taps: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Formula (1), one pass per kernel tap over strided views of the input (no copy, no
+    padding); NaN windows are left to :func:`max_pool_forward`.
 
     * ``y`` is the running ``maximum`` (which propagates NaN) of the in-bounds taps;
     * the winner is the first tap equal to ``y``: its position in the tap list is the
       number of taps ``t`` for which "no tap up to t equals y" still holds, counted in
-      uint8 (an out-of-bounds tap never equals ``y``), then looked up as a flat offset;
-    * a NaN window equals nothing; torch keeps its *last* NaN, set in a fix-up pass.
+      uint8 (an out-of-bounds tap never equals ``y``), then looked up as a flat offset.
     """
-    (h, w), (oh, ow), (sh, sw), (ph, pw) = x.shape[-2:], geo.out, geo.stride, geo.padding
-    taps = in_bounds_taps((h, w), *geo)
-    lead = x.shape[:-2]
+    (oh, ow), w = geo.out, x.shape[-1]
     full = next((t for t in taps if t.full), None)
     if full is not None:
         y = at(x, full.inp).clone(memory_format=torch.contiguous_format)
     else:
         lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
-        y = x.new_full((*lead, oh, ow), lowest)
+        y = x.new_full((*x.shape[:-2], oh, ow), lowest)
     for t in taps:
         if t is not full:
             y_t = at(y, t.out)
@@ -122,19 +153,64 @@ def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, 
     for t in taps[:-1]:
         at(missed, t.out).mul_(at(x, t.inp) != at(y, t.out))
         winner += missed
-    # flat index of window (p, q)'s tap (0, 0): (p*sH - pH) * W + (q*sW - pW), plus the tap's
-    p = torch.arange(oh, device=x.device).view(-1, 1)
-    q = torch.arange(ow, device=x.device).view(1, -1)
-    base = (p * sh - ph) * w + (q * sw - pw)
     offsets = torch.tensor([t.offset for t in taps], device=x.device)
-    index = offsets.index_select(0, winner.long().flatten()).view(y.shape).add_(base)
-    if x.is_floating_point() and y.sum().isnan():  # (a sum is NaN if any y is; cheap test)
-        nan_window = y.isnan()
-        for t in taps:  # the last NaN tap of a NaN window wins
-            take = at(nan_window, t.out) & at(x, t.inp).isnan()
-            index_t = at(index, t.out)
-            index_t.copy_(torch.where(take, at(base, t.out) + t.offset, index_t))
-    return y, index
+    index = offsets.index_select(0, winner.long().flatten()).view(y.shape)
+    return y, index.add_(_window_origins(geo, w, x.device))
+
+
+def _tiles(x: torch.Tensor, geo: PoolGeometry) -> bool:
+    """Whether :func:`_max_pool_tiled` applies: the windows tile the input (kernel = stride,
+    no padding or dilation: the 2x2/2 pools of LeNet and VGG) of a float dtype whose
+    mantissa holds every flat index of a plane."""
+    (h, w), (kh, kw), (oh, ow) = x.shape[-2:], geo.kernel, geo.out
+    exact = x.dtype == torch.float64 or (x.dtype == torch.float32 and h * w <= 2**24)
+    tiled = geo.kernel == geo.stride and geo.padding == (0, 0) and geo.dilation == (1, 1)
+    return exact and tiled and oh * kh <= h and ow * kw <= w
+
+
+def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Formula (1) for windows that tile the input: each tap is made one contiguous plane.
+
+    A copy re-lays out a chunk of ``m`` planes as ``(kH*kW, m, oH, oW)`` (block ``k = i*kW + j``
+    holds tap ``(i, j)`` of every window); then ``y`` is one ``amax`` over ``k``, and the
+    winner is found as in :func:`_max_pool_taps` but on contiguous data, with the "no tap up
+    to k equals y" flag and the winner's offset kept as 0/1 and integers in the input's own
+    float dtype -- in the planes already used up, so no further buffer.  Strided, or
+    written to ``bool``, these comparisons ran 6-7x slower here.  NaN windows are left to
+    :func:`max_pool_forward`.
+    """
+    (h, w), (oh, ow), (kh, kw) = x.shape[-2:], geo.out, geo.kernel
+    k = kh * kw
+    planes = x.reshape(-1, h, w)
+    m = planes.shape[0]
+    y = x.new_empty(m, oh, ow)
+    index = torch.empty(m, oh, ow, dtype=torch.int64, device=x.device)
+    base = _window_origins(geo, w, x.device, x.dtype)
+    offsets = [i * w + j for i in range(kh) for j in range(kw)]
+    # per window the re-laid-out taps take k*itemsize bytes, y and index (the outputs torch
+    # allocates too) itemsize + 8: chunk the planes so the taps stay within 3/4 of those
+    chunks = -(-4 * k * x.element_size() // (3 * (x.element_size() + 8)))
+    size = max(-(-m // chunks), 1)
+    for start in range(0, m, size):
+        part = slice(start, min(start + size, m))
+        windows_part = planes[part, : oh * kh, : ow * kw].reshape(-1, oh, kh, ow, kw)
+        # the one copy (always a copy: the passes below write into it)
+        tap = windows_part.permute(2, 4, 0, 1, 3).clone(memory_format=torch.contiguous_format)
+        tap = tap.view(k, -1, oh, ow)
+        y_part = torch.amax(tap, dim=0, out=y[part])
+        # tap 0 turns into the flag as it is compared; the last tap is never compared (a
+        # window that missed all others wins there), so its block holds the offset
+        missed, offset = tap[0], tap[k - 1]
+        torch.ne(missed, y_part, out=missed)  # no tap up to 0 equals y, as 0/1
+        offset.fill_(offsets[0])
+        for t in range(k - 1):
+            if t > 0:
+                missed.mul_(torch.ne(tap[t], y_part, out=tap[t]))
+            offset.add_(missed, alpha=offsets[t + 1] - offsets[t])  # still missed: step on
+        index[part].copy_(offset.add_(base))
+        del tap, missed, offset  # before the next chunk's copy (peak memory)
+    lead = x.shape[:-2]
+    return y.view(*lead, oh, ow), index.view(*lead, oh, ow)
 
 
 def max_pool_backward(

@@ -1,0 +1,106 @@
+"""Each way handmade's max_pool2d can compute its forward agrees with torch bit for bit.
+
+Windows that tile the input (kernel = stride, no padding or dilation) in float32/float64 go
+through :func:`handmade.pooling._max_pool_tiled`, which re-lays out the taps and works in
+that copy in place; every other call through :func:`handmade.pooling._max_pool_taps`.  A spy
+records which one ran, so a changed dispatch rule fails here instead of leaving a path
+untested; values and indices are compared exactly (ties, NaN, -inf), and the input must come
+out unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import handmade.functional as H
+import handmade.pooling as pooling
+
+PATHS = ("_max_pool_tiled", "_max_pool_taps")
+
+# name: input shape, dtype, max_pool2d kwargs, path
+CASES: dict[str, tuple[tuple, torch.dtype, dict[str, Any], str]] = {
+    "2x2/2, float32 (LeNet)": (
+        (5, 3, 12, 12),
+        torch.float32,
+        dict(kernel_size=2),
+        "_max_pool_tiled",
+    ),
+    "2x3/(2,3), float64, rows and columns left over": (
+        (2, 3, 9, 11),
+        torch.float64,
+        dict(kernel_size=(2, 3)),
+        "_max_pool_tiled",
+    ),
+    "1x3/(1,3): the re-layout alone would be a view of the input": (
+        (2, 4, 3, 9),
+        torch.float64,
+        dict(kernel_size=(1, 3)),
+        "_max_pool_tiled",
+    ),
+    "unbatched 2x2/2": ((3, 8, 8), torch.float32, dict(kernel_size=2), "_max_pool_tiled"),
+    "2x2/2, float16": ((5, 3, 12, 12), torch.float16, dict(kernel_size=2), "_max_pool_taps"),
+    "2x2/2 ceil_mode, a partial last window": (
+        (2, 3, 9, 9),
+        torch.float32,
+        dict(kernel_size=2, ceil_mode=True),
+        "_max_pool_taps",
+    ),
+    "3x3/2, overlapping windows": (
+        (2, 3, 9, 9),
+        torch.float32,
+        dict(kernel_size=3, stride=2),
+        "_max_pool_taps",
+    ),
+    "2x2/2 padded": ((2, 3, 8, 8), torch.float32, dict(kernel_size=2, padding=1), "_max_pool_taps"),
+}
+
+
+def hard_input(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Values from a small set (many ties within a window) with NaN, +inf and -inf mixed in."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, shape, generator=gen).to(dtype)
+    flat = x.view(-1)
+    for value, every in ((float("nan"), 7), (float("-inf"), 5), (float("inf"), 11)):
+        flat[torch.randint(0, every, (flat.numel(),), generator=gen) == 0] = value
+    return x
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_max_pool_path_matches_torch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape, dtype, kwargs, path = CASES[name]
+    ran = []
+    for fn_name in PATHS:
+        fn = getattr(pooling, fn_name)
+
+        @functools.wraps(fn)
+        def spy(*args: Any, _fn: Any = fn, _name: str = fn_name) -> Any:
+            ran.append(_name)
+            return _fn(*args)
+
+        monkeypatch.setattr(pooling, fn_name, spy)
+    x = hard_input(shape, dtype)
+    before = x.clone()
+    y, index = H.max_pool2d(x, return_indices=True, **kwargs)
+    assert ran == [path]
+    ref_y, ref_index = F.max_pool2d(x, return_indices=True, **kwargs)
+    torch.testing.assert_close(y, ref_y, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)  # input untouched
+
+
+def test_tiled_max_pool_gradient_and_empty_batch() -> None:
+    """The gradient routes through the tiled path's indices as torch routes it, and an empty
+    batch (no chunk to loop over) still gives empty outputs of the right shape."""
+    x = hard_input((4, 2, 6, 6), torch.float64).nan_to_num(0.0, 3.0, -3.0).requires_grad_()
+    g = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(H.max_pool2d(x, 2), x, g)
+    (theirs,) = torch.autograd.grad(F.max_pool2d(x, 2), x, g)
+    assert torch.equal(ours, theirs)
+    empty = torch.empty(0, 3, 8, 8)
+    y, index = H.max_pool2d(empty, 2, return_indices=True)
+    assert y.shape == index.shape == (0, 3, 4, 4)
