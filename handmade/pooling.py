@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (
+    Tap,
     _pair,
     apply_function,
     at,
@@ -126,7 +127,7 @@ def _window_origins(
 
 
 def _max_pool_taps(
-    x: torch.Tensor, geo: PoolGeometry, taps: tuple
+    x: torch.Tensor, geo: PoolGeometry, taps: tuple[Tap, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Formula (1), one pass per kernel tap over strided views of the input (no copy, no
     padding); NaN windows are left to :func:`max_pool_forward`.
