@@ -156,6 +156,16 @@ def windows(
     return xp.as_strided(size, strides, xp.storage_offset())
 
 
+def chunk_slices(n: int, per_item: int, budget: int) -> list[slice]:
+    """Split ``n`` items (samples, planes) into equal slices whose buffers, ``per_item``
+    elements each, fit ``budget`` elements; ``[slice(None)]`` when one slice does."""
+    count = -(-n * per_item // max(budget, 1))  # ceil
+    if count <= 1:
+        return [slice(None)]
+    size = -(-n // count)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def at(t: torch.Tensor, region: tuple[slice, slice]) -> torch.Tensor:
     """``t[..., rows, cols]`` as a view; ``t`` itself when that is all of it (an alias
     from a full-range slice would break vmap)."""

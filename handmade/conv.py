@@ -56,6 +56,7 @@ from ._utils import (
     check_input_rank,
     check_non_negative,
     check_positive,
+    chunk_slices,
     in_bounds_taps,
     legacy_twin,
     windows,
@@ -241,11 +242,9 @@ def batch_chunks(n: int, per_sample: int, budget: int) -> list[slice]:
     """Split a batch of ``n`` into equal slices whose buffers (``per_sample`` elements
     each) fit ``budget`` elements (:func:`row_budget`, :func:`column_budget`); a batch
     within ``UNSPLIT_BUFFER`` elements stays whole."""
-    count = -(-n * per_sample // budget)  # ceil
-    if count <= 1 or n * per_sample <= UNSPLIT_BUFFER:
+    if n * per_sample <= UNSPLIT_BUFFER:
         return [slice(None)]
-    size = -(-n // count)
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    return chunk_slices(n, per_sample, budget)
 
 
 def over_chunks(

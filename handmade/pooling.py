@@ -41,6 +41,7 @@ from ._utils import (
     at,
     check_input_rank,
     check_pool_args,
+    chunk_slices,
     in_bounds_taps,
     legacy_twin,
     pool_geometry,
@@ -188,12 +189,11 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
     index = torch.empty(m, oh, ow, dtype=torch.int64, device=x.device)
     base = _window_origins(geo, w, x.device, x.dtype)
     offsets = [i * w + j for i in range(kh) for j in range(kw)]
-    # per window the re-laid-out taps take k*itemsize bytes, y and index (the outputs torch
-    # allocates too) itemsize + 8: chunk the planes so the taps stay within 3/4 of those
-    chunks = -(-4 * k * x.element_size() // (3 * (x.element_size() + 8)))
-    size = max(-(-m // chunks), 1)
-    for start in range(0, m, size):
-        part = slice(start, min(start + size, m))
+    # per window the re-laid-out taps take k elements, y and index (the outputs torch
+    # allocates too) 1 + 8/itemsize: chunk the planes so the taps stay within 3/4 of those
+    itemsize = x.element_size()
+    budget = 3 * m * oh * ow * (itemsize + 8) // (4 * itemsize)
+    for part in chunk_slices(m, k * oh * ow, budget):
         windows_part = planes[part, : oh * kh, : ow * kw].reshape(-1, oh, kh, ow, kw)
         # the one copy (always a copy: the passes below write into it)
         tap = windows_part.permute(2, 4, 0, 1, 3).clone(memory_format=torch.contiguous_format)
