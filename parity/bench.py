@@ -71,7 +71,7 @@ import handmade.functional as handmade_F
 from handmade import reference
 from handmade.models import LeNet5
 
-from ._io import write_json_atomic
+from ._io import intra_op_threads, write_json_atomic
 
 RESNET_BATCH = 4  # keeps the ResNet-style shapes to a few minutes on 2 CPU cores
 TARGETS = {
@@ -408,17 +408,6 @@ def page_faults_per_call(fn: Pass, calls: int = FAULT_CALLS) -> float | None:
 
 
 @contextlib.contextmanager
-def _num_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``threads`` for the block (as the Timer does)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2 (kineto logs a line at every profiler start and stop)."""
     sys.stderr.flush()
@@ -512,7 +501,7 @@ def measure(
         cand_s = min(cand_s, time_pass(candidate_pass, min_run_time, threads))
     is_reference = isinstance(case, OpCase) and case.reference
     on_cpu = device.type == "cpu"  # (a GPU pass's time does not wait on host page faults)
-    with _num_threads(threads):  # as while timed
+    with intra_op_threads(threads):  # as while timed (the Timer pins it)
         torch_faults = page_faults_per_call(torch_pass) if on_cpu else None
         cand_faults = page_faults_per_call(candidate_pass) if on_cpu else None
     torch_mem = peak_memory(torch_pass, device)

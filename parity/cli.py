@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ._io import write_json_atomic
+from ._io import intra_op_threads, write_json_atomic
 from .cases import OPS
 from .checks import CHECKS, DEFAULT_CHECKS, applies
 from .runner import Impl, Report, Row, plan, run
@@ -361,8 +361,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{task.op}\t{task.label}\t{case.id}")
         return 0
     skipped = [c for c in checks if not any(applies(c, op) for op in impls)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     specs = ", ".join(sorted({i.spec for i in impls.values()}))
     print(
         f"parity: {specs} vs torch {torch.__version__} | {args.size} | seed {args.seed} | "
@@ -373,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_HEADER)
     print("-" * len(_HEADER))
     started = time.perf_counter()
-    try:
+    with intra_op_threads(args.threads):
         report = run(
             impls,
             tasks,
@@ -382,8 +380,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=False if args.no_progress else None,
             on_row=lambda row: tqdm.write(_row_line(row), file=sys.stdout),
         )
-    finally:
-        torch.set_num_threads(threads)
     print("-" * len(_HEADER))
     failed = [r for r in report.rows if r.failed]
     total_cases = sum(r.cases for r in report.rows)

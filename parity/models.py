@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import write_json_atomic
+from ._io import intra_op_threads, write_json_atomic
 
 __all__ = ["MODELS", "ModelResult", "ModelSpec", "build", "compare_model", "main"]
 
@@ -256,13 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: --device cuda: CUDA is not available", file=sys.stderr)
         return 2
     modes = ["train", "eval"] if args.mode == "both" else [args.mode]
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     print(_HEADER)
     print("-" * len(_HEADER))
     results: list[ModelResult] = []
-    try:
+    with intra_op_threads(args.threads):
         for name in names:
             shape = list(MODELS[name].input_shape)
             if args.size:
@@ -275,8 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(r)
                 print(_line(r), flush=True)
             del model
-    finally:
-        torch.set_num_threads(threads)
     print("-" * len(_HEADER))
     failed = [r for r in results if not r.passed]
     if args.json is not None:
