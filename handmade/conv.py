@@ -207,8 +207,8 @@ def correlate(
         budget = column_budget(x.numel(), n * o * oh * ow, w.numel())
         chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
         return over_chunks(
-            lambda x_part: _correlate_columns(
-                _pad(x_part, padding), w, stride, dilation, groups, bias, (oh, ow)
+            lambda out, x_part: _correlate_columns(
+                _pad(x_part, padding), w, stride, dilation, groups, bias, (oh, ow), out
             ),
             chunks,
             (n, o, oh, ow),
@@ -216,10 +216,10 @@ def correlate(
         )
     w_rows = weight_rows(w, groups)  # both width-only layouts: one GEMM per kernel row
 
-    def rows_chunk(x_part: torch.Tensor) -> torch.Tensor:
+    def rows_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         xp = _pad(x_part, padding)
         if per_sample:  # (n, O, oH, oW) directly
-            return _correlate_sample_rows(xp, w_rows, kw, sw, dilation, bias, (oh, ow))
+            return _correlate_sample_rows(xp, w_rows, kw, sw, dilation, bias, (oh, ow), out)
         y = _correlate_rows(xp, w_rows, kw, stride, dilation, bias, (oh, ow))
         return y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)  # (n, O, oH, oW)
 
@@ -253,14 +253,23 @@ def over_chunks(
     out_shape: tuple[int, ...],
     *batched: torch.Tensor,
 ) -> torch.Tensor:
-    """``fn(*batched)``, computed a chunk of the batch at a time (samples are independent)
-    into one ``out_shape`` result; with a single chunk, ``fn`` sees the whole tensors (no
-    full-range slice: its alias would break vmap) and its result is made contiguous."""
+    """``fn(out, *batched)``, computed a chunk of the batch at a time (samples are
+    independent) into one ``out_shape`` result.
+
+    ``fn`` either fills ``out``, the chunk's own contiguous slice of the result, and returns
+    it (no copy of that chunk's result: measured 1/3 of LeNet conv1's forward at batch
+    256), or returns a result (a view, say) to be copied there.  With a single chunk,
+    ``fn`` gets ``out=None`` and the whole tensors (no full-range slice: its alias would
+    break vmap), and its result is made contiguous.
+    """
     if len(chunks) == 1:
-        return fn(*batched).contiguous()
+        return fn(None, *batched).contiguous()
     out = batched[0].new_empty(out_shape)
     for part in chunks:
-        out[part] = fn(*(t[part] for t in batched))
+        out_part = out[part]
+        result = fn(out_part, *(t[part] for t in batched))
+        if result is not out_part:
+            out_part.copy_(result)
     return out
 
 
@@ -323,10 +332,11 @@ def _correlate_sample_rows(
     dilation: tuple[int, int],
     bias: torch.Tensor | None,
     out_hw: tuple[int, int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (1) for one chunk, stride 1 down the height: per sample and kernel row
     ``i`` one GEMM ``w[:, :, i, :] @ sample_kernel_row(i)``, accumulated straight into
-    NCHW ``(n, O, oH, oW)``.
+    NCHW ``(n, O, oH, oW)`` -- into ``out`` when given (:func:`over_chunks`).
 
     ``w_rows``: the kernel by rows, ``(kH, g, O/g, C/g*kW)`` (:func:`weight_rows`).
     """
@@ -334,7 +344,8 @@ def _correlate_sample_rows(
     kh, groups, og, _ = w_rows.shape
     (dh, dw), (oh, ow) = dilation, out_hw
     rows = row_windows(xp, kw, dw, sw, ow, batch_outer=True)
-    out = xp.new_empty(n, groups * og, oh, ow)  # filled in place: the result is not a view
+    if out is None:  # filled in place: the result is not a view
+        out = xp.new_empty(n, groups * og, oh, ow)
     y = out.view(n * groups, og, oh * ow)
     if bias is not None:
         y.copy_(_per_sample(bias.reshape(groups, og, 1).expand(groups, og, oh * ow), n))
@@ -410,10 +421,12 @@ def _correlate_columns(
     groups: int,
     bias: torch.Tensor | None,
     out_hw: tuple[int, int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (1) as ``w @ columns(xp)``: one GEMM per sample (and group), written
-    straight in NCHW.  Under ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs
-    are too narrow (measured): one GEMM over the whole batch's columns, then a permute."""
+    straight in NCHW -- into ``out`` when given (:func:`over_chunks`).  Under
+    ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs are too narrow (measured):
+    one GEMM over the whole batch's columns, returned as a permuted view."""
     n = xp.shape[0]
     o, _, kh, kw = w.shape
     oh, ow = out_hw
@@ -426,10 +439,11 @@ def _correlate_columns(
             y = torch.bmm(w_g, cols)
         else:
             y = torch.baddbmm(b.expand(-1, -1, cols.shape[-1]), w_g, cols)
-        return y.view(o, n, oh, ow).transpose(0, 1).contiguous()
+        return y.view(o, n, oh, ow).transpose(0, 1)  # (made contiguous by over_chunks)
     cols = columns(xp, (kh, kw), stride, dilation, (oh, ow), groups)
     cols = cols.reshape(n * groups, -1, oh * ow)  # (vmap has no rule for flatten)
-    out = xp.new_empty(n, o, oh, ow)  # filled in place, so the result is not a view
+    if out is None:  # filled in place, so the result is not a view
+        out = xp.new_empty(n, o, oh, ow)
     y = out.view(n * groups, o // groups, oh * ow)
     if b is None:
         y.baddbmm_(_per_sample(w_g, n), cols, beta=0)  # (beta=0: the empty memory is ignored)
@@ -527,7 +541,7 @@ def conv_input_grad_columns(
     hp, wp = h + top + bottom, wd + left + right
     w_t = w.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (g, C/g*kH*kW, O/g)
 
-    def col2im_chunk(g_part: torch.Tensor) -> torch.Tensor:
+    def col2im_chunk(out: torch.Tensor | None, g_part: torch.Tensor) -> torch.Tensor:
         m = g_part.shape[0]
         free_view = kh * kw == 1 and (hp, wp) == (oh, ow)  # a 1x1 kernel read every pixel once
         if oh * ow < PER_SAMPLE_COLUMNS and not free_view:  # as the forward: one GEMM
@@ -539,8 +553,9 @@ def conv_input_grad_columns(
             dcols = torch.bmm(_per_sample(w_t, m), g_rows).view(m, c, kh, kw, oh, ow)
         if free_view:
             dxp = dcols.view(m, c, hp, wp)
-        else:
-            dxp = g.new_zeros(m, c, hp, wp)
+        else:  # (unpadded, a chunk's slice of the result is the buffer: over_chunks)
+            unpadded = out is not None and (top, bottom, left, right) == (0, 0, 0, 0)
+            dxp = out.zero_() if unpadded else g.new_zeros(m, c, hp, wp)
             for i in range(kh):
                 for j in range(kw):
                     rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
@@ -575,7 +590,7 @@ def conv_input_grad_scatter(
     w_rows = weight_rows(w, geo.groups)
     chunks = batch_chunks(n, c * kw * hp * ow, row_budget(n * c * hp * wp, g.numel()))
     return over_chunks(
-        lambda g_part: _pad(_scatter_rows(g_part, w_rows, kw, (hp, wp), geo), crop),
+        lambda _out, g_part: _pad(_scatter_rows(g_part, w_rows, kw, (hp, wp), geo), crop),
         chunks,
         (n, c, *input_hw),
         g,
