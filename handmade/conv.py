@@ -257,8 +257,8 @@ def over_chunks(
     independent) into one ``out_shape`` result.
 
     ``fn`` either fills ``out``, the chunk's own contiguous slice of the result, and returns
-    it (no copy of that chunk's result: measured 1/3 of LeNet conv1's forward at batch
-    256), or returns a result (a view, say) to be copied there.  With a single chunk,
+    it (no copy of that chunk's result: LeNet conv1's forward at batch 256 went from 4.29
+    to 4.05 ms), or returns a result (a view, say) to be copied there.  With a single chunk,
     ``fn`` gets ``out=None`` and the whole tensors (no full-range slice: its alias would
     break vmap), and its result is made contiguous.
     """

@@ -79,6 +79,13 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         "_correlate_columns",
         {"conv_input_grad_columns", "conv_weight_grad_columns"},
     ),
+    "full columns, unpadded (col2im straight into each chunk's slice)": (
+        (5, 4, 9, 9),
+        (6, 4, 3, 3),
+        dict(stride=2),
+        "_correlate_columns",
+        {"conv_input_grad_columns", "conv_weight_grad_columns"},
+    ),
     "1x1": (
         (5, 6, 7, 7),
         (4, 6, 1, 1),
