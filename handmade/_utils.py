@@ -156,9 +156,13 @@ def windows(
     return xp.as_strided(size, strides, xp.storage_offset())
 
 
-def chunk_slices(n: int, per_item: int, budget: int) -> list[slice]:
+def chunk_slices(n: int, per_item: int, budget: int, unsplit: int = 0) -> list[slice]:
     """Split ``n`` items (samples, planes) into equal slices whose buffers, ``per_item``
-    elements each, fit ``budget`` elements; ``[slice(None)]`` when one slice does."""
+    elements each, fit ``budget`` elements; ``[slice(None)]`` when one slice does, or when
+    the whole buffer is within ``unsplit`` elements (below that, more passes cost more
+    than the memory is worth)."""
+    if n * per_item <= unsplit:
+        return [slice(None)]
     count = -(-n * per_item // max(budget, 1))  # ceil
     if count <= 1:
         return [slice(None)]

@@ -242,9 +242,7 @@ def batch_chunks(n: int, per_sample: int, budget: int) -> list[slice]:
     """Split a batch of ``n`` into equal slices whose buffers (``per_sample`` elements
     each) fit ``budget`` elements (:func:`row_budget`, :func:`column_budget`); a batch
     within ``UNSPLIT_BUFFER`` elements stays whole."""
-    if n * per_sample <= UNSPLIT_BUFFER:
-        return [slice(None)]
-    return chunk_slices(n, per_sample, budget)
+    return chunk_slices(n, per_sample, budget, unsplit=UNSPLIT_BUFFER)
 
 
 def over_chunks(

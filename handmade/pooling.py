@@ -50,9 +50,9 @@ from ._utils import (
 
 __all__ = ["AvgPool2dFunction", "MaxPool2dFunction", "avg_pool2d", "max_pool2d"]
 
-# The tiled max pool's re-laid-out taps may always take this many elements (128 kB of
-# float32) in one chunk: below it, splitting only adds passes (measured: 2 chunks of a
-# (4, 6, 28, 28) input took 1.5x the time of one).
+# The tiled max pool's re-laid-out taps are never split below this many elements (128 kB
+# of float32): there, splitting only adds passes (measured: 2 chunks of a (4, 6, 28, 28)
+# input took 1.5x the time of one).
 MIN_TAP_BUFFER = 1 << 15
 
 
@@ -196,10 +196,9 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
     offsets = [i * w + j for i in range(kh) for j in range(kw)]
     # per window the re-laid-out taps take k elements, y and index (the outputs torch
     # allocates too) 1 + 8/itemsize: chunk the planes so the taps stay within 3/4 of those
-    # (or MIN_TAP_BUFFER)
     itemsize = x.element_size()
-    budget = max(3 * m * oh * ow * (itemsize + 8) // (4 * itemsize), MIN_TAP_BUFFER)
-    for part in chunk_slices(m, k * oh * ow, budget):
+    budget = 3 * m * oh * ow * (itemsize + 8) // (4 * itemsize)
+    for part in chunk_slices(m, k * oh * ow, budget, unsplit=MIN_TAP_BUFFER):
         windows_part = planes[part, : oh * kh, : ow * kw].reshape(-1, oh, kh, ow, kw)
         # the one copy (always a copy: the passes below write into it)
         tap = windows_part.permute(2, 4, 0, 1, 3).clone(memory_format=torch.contiguous_format)
