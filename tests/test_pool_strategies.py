@@ -70,9 +70,23 @@ def hard_input(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_max_pool_path_matches_torch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_pool_path_matches_torch(
+    name: str, split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shape, dtype, kwargs, path = CASES[name]
+    chunks: list[int] = []
+    if split:  # small buffers split too: the tiled path loops over chunks of planes
+        monkeypatch.setattr(pooling, "MIN_TAP_BUFFER", 0)
+        slices = pooling.chunk_slices
+
+        def counted(*args: Any, **kwargs: Any) -> list[slice]:
+            result = slices(*args, **kwargs)
+            chunks.append(len(result))
+            return result
+
+        monkeypatch.setattr(pooling, "chunk_slices", counted)
     ran = []
     for fn_name in PATHS:
         fn = getattr(pooling, fn_name)
@@ -87,6 +101,8 @@ def test_max_pool_path_matches_torch(name: str, monkeypatch: pytest.MonkeyPatch)
     before = x.clone()
     y, index = H.max_pool2d(x, return_indices=True, **kwargs)
     assert ran == [path]
+    if split and path == "_max_pool_tiled":
+        assert chunks and chunks[0] > 1
     ref_y, ref_index = F.max_pool2d(x, return_indices=True, **kwargs)
     torch.testing.assert_close(y, ref_y, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(index, ref_index)
