@@ -158,3 +158,40 @@ def test_each_layout_matches_torch(
     ):
         result = compare(name, actual, expected, exact=False)
         assert result.ok, result.message
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize(("threads", "pieces"), [(2, 2), (3, 1)])
+def test_weight_grad_contraction_split_among_threads(
+    threads: int, pieces: int, split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more than one intra-op thread, a small kernel's weight gradient splits each
+    GEMM's contraction in one piece per thread (:func:`handmade.conv.contraction_parts`);
+    where the pieces do not divide a chunk's contraction (3 threads: 500 and 200 output
+    pixels) that chunk's GEMMs run whole.  Either way: torch's gradient."""
+    if split:
+        monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
+        monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
+    seen: list[int] = []
+    original = conv.split_contraction
+
+    def recorded(a: torch.Tensor, b: torch.Tensor, parts: int) -> tuple:
+        result = original(a, b, parts)
+        seen.append(len(result[0]))
+        return result
+
+    monkeypatch.setattr(conv, "split_contraction", recorded)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, 14, 14, generator=gen, dtype=torch.float64)
+    w = torch.randn(16, 6, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 16, 10, 10, generator=gen, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (dw,) = torch.autograd.grad(H.conv2d(x, w), w, upstream)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {pieces}
+    (expected,) = torch.autograd.grad(F.conv2d(x, w), w, upstream)
+    result = compare("dw", dw, expected, exact=False)
+    assert result.ok, result.message
