@@ -1,4 +1,6 @@
-"""Each way handmade's max_pool2d can compute its forward agrees with torch bit for bit.
+"""Each way handmade's max_pool2d can compute its forward agrees with torch bit for bit,
+and each way avg_pool2d can spread its gradient over windows that tile the input agrees
+with torch's gradient.
 
 Windows that tile the input (kernel = stride, no padding or dilation) in float32/float64 go
 through :func:`handmade.pooling._max_pool_tiled`, which re-lays out the taps and works in
@@ -120,3 +122,31 @@ def test_tiled_max_pool_gradient_and_empty_batch() -> None:
     empty = torch.empty(0, 3, 8, 8)
     y, index = H.max_pool2d(empty, 2, return_indices=True)
     assert y.shape == index.shape == (0, 3, 4, 4)
+
+
+# input shape, avg_pool2d kwargs: windows that tile the input (stride >= kernel, no padding)
+TILED_AVG_CASES = {
+    "2x2/2 (LeNet)": ((3, 2, 10, 10), dict(kernel_size=2)),
+    "2x2/3: gaps between windows, a row and column left over": (
+        (3, 2, 10, 11),
+        dict(kernel_size=2, stride=3),
+    ),
+    "3x2/(3,2), divisor_override": ((2, 3, 9, 8), dict(kernel_size=(3, 2), divisor_override=5)),
+    "7x7 global": ((2, 4, 7, 7), dict(kernel_size=7)),
+}
+
+
+@pytest.mark.parametrize("copies", [True, False], ids=["per-tap copies", "expanded view"])
+@pytest.mark.parametrize("name", list(TILED_AVG_CASES))
+def test_tiled_avg_pool_gradient(name: str, copies: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways the tiled average pool spreads ``g / D`` over its windows (one strided copy
+    per tap up to ``SHARE_COPIES_MAX`` taps, an expanded view above) give torch's gradient,
+    zeros between and after the windows included."""
+    monkeypatch.setattr(pooling, "SHARE_COPIES_MAX", 1 << 10 if copies else 0)
+    shape, kwargs = TILED_AVG_CASES[name]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = H.avg_pool2d(x, **kwargs)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(y, x, g)
+    (theirs,) = torch.autograd.grad(F.avg_pool2d(x, **kwargs), x, g)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
