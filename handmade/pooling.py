@@ -365,16 +365,16 @@ def avg_pool_backward(
     lead = input_shape[:-2]
     share = g / divisor
     if sh >= kh and sw >= kw and (ph, pw) == (0, 0) and oh * sh <= h and ow * sw <= w:
+        gaps = (sh, sw) != (kh, kw)  # positions between windows get no gradient
         if kh * kw <= SHARE_COPIES_MAX:  # one strided copy of the shares per window tap
             # (through an expanded view, a copy of 2-element runs: 2-4x as long, measured)
-            gaps = (sh, sw) != (kh, kw)  # positions between windows get no gradient
             tiles = (share.new_zeros if gaps else share.new_empty)(*lead, oh, sh, ow, sw)
             for i in range(kh):
                 for j in range(kw):
                     tiles[..., i, :, j] = share
         else:  # a few large windows (global pooling): the shares expanded over them
             tiles = share[..., :, None, :, None].expand(*lead, oh, kh, ow, kw)
-            if (sh, sw) != (kh, kw):
+            if gaps:
                 tiles = F.pad(tiles, (0, sw - kw, 0, 0, 0, sh - kh))
         frame = tiles.reshape(*lead, oh * sh, ow * sw)
         crop = (0, w - ow * sw, 0, h - oh * sh)  # rows no window reached: zero gradient

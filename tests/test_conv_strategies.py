@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import handmade.conv as conv
 import handmade.functional as H
+from parity._io import intra_op_threads
 from parity.checks import compare
 
 # the functions that do a pass's work, one per layout
@@ -185,12 +186,8 @@ def test_weight_grad_contraction_split_among_threads(
     x = torch.randn(5, 6, 14, 14, generator=gen, dtype=torch.float64)
     w = torch.randn(16, 6, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(5, 16, 10, 10, generator=gen, dtype=torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         (dw,) = torch.autograd.grad(H.conv2d(x, w), w, upstream)
-    finally:
-        torch.set_num_threads(before)
     assert seen and set(seen) == {pieces}
     (expected,) = torch.autograd.grad(F.conv2d(x, w), w, upstream)
     result = compare("dw", dw, expected, exact=False)
