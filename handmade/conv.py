@@ -25,7 +25,9 @@ Where each is computed:
         (:func:`_correlate_columns`).  Kernel rows too thin for a batch-wide GEMM
         (LeNet's first layer): the width-only im2col per sample, one GEMM per sample and
         kernel row (:func:`_correlate_sample_rows`).  Depthwise kernels: one multiply-add
-        per kernel tap (:func:`depthwise_correlate`).
+        per kernel tap (:func:`depthwise_correlate`).  Wide 3x3 stride-1 convs: Winograd's
+        minimal filtering F(2x2, 3x3), the same sum with 16 products per 2x2 outputs
+        instead of 36 (:func:`winograd_correlate`, picked by :func:`use_winograd`).
     (2) :func:`conv_bias_grad`: one reduction.
     (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
         the same buffers: :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
@@ -34,6 +36,8 @@ Where each is computed:
         call to :func:`correlate`) for depthwise and size-preserving convs; otherwise the
         same sum as the transpose of the forward's GEMMs, :func:`conv_input_grad_columns`
         (col2im) or :func:`conv_input_grad_scatter`, which need no zero-inserted copy of g.
+        Size-preserving convs that take Winograd forward take it here too, with the
+        rotated kernel read from ``w`` as it is.
 
 The backward is built from differentiable elementary ops, so autograd can differentiate it
 again (double backward); the forward-mode rule uses bilinearity:
@@ -43,6 +47,7 @@ again (double backward); the forward-mode rule uses bilinearity:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -84,6 +89,11 @@ THIN_KERNEL_ROW = 8
 # layer: 16x150) but a long contraction runs on one thread (measured); with more intra-op
 # threads its contraction is split among them (:func:`contraction_parts`).
 SPLIT_RESULT_MAX = 1 << 14
+# Winograd F(2x2, 3x3) pays off (measured) from this many input and output channels and
+# output pixels per sample: below, its transforms cost more than the products it saves
+# (ResNet 64@56, 256@7: 1.2-1.9x and 1.0-1.1x the time of the direct GEMMs).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_PIXELS = 100
 
 
 class ConvGeometry(NamedTuple):
@@ -179,6 +189,175 @@ def depthwise_correlate(
     return y
 
 
+# Winograd's minimal filtering F(2, 3) (Lavin & Gray, 2016): two outputs of a 3-tap
+# correlation from four inputs d with four products, y = A^T [(G w) * (B^T d)]:
+#   m0 = (d0 - d2) w0,  m1 = (d1 + d2)(w0 + w1 + w2)/2,  m2 = (d2 - d1)(w0 - w1 + w2)/2,
+#   m3 = (d1 - d3) w2;  y0 = m0 + m1 + m2 = d0 w0 + d1 w1 + d2 w2,  y1 = m1 - m2 - m3.
+WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+@functools.cache
+def winograd_matrices(
+    dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F(2x2, 3x3)'s transforms on flattened tiles: ``B^T (x) B^T`` (16x16, input tile),
+    ``G (x) G`` (16x9, kernel), ``A^T (x) A^T`` (4x16, back to 2x2 outputs).
+
+    The 2-D transform ``B^T d B`` of a 4x4 tile ``d`` is ``(B^T (x) B^T) vec(d)`` (row-major
+    ``vec``), so each is one GEMM over every tile at once.
+    """
+    bt, g, at_ = (
+        torch.tensor(m, dtype=torch.float64) for m in (WINOGRAD_BT, WINOGRAD_G, WINOGRAD_AT)
+    )
+    return tuple(torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at_))
+
+
+def use_winograd(
+    w_shape: torch.Size,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    out_hw: tuple[int, int],
+    dtype: torch.dtype,
+) -> bool:
+    """Whether a conv runs :func:`winograd_correlate`: a 3x3 kernel at stride 1, dilation 1,
+    one group, at least ``WINOGRAD_MIN_CHANNELS`` in and out and ``WINOGRAD_MIN_PIXELS``
+    output pixels per sample, in float32/float64 (in float32 its error stays at the direct
+    sum's, ~4e-7 of the largest output, measured on 128-256 channels; half precision would
+    lose more)."""
+    o, cg, kh, kw = w_shape
+    return (
+        (kh, kw) == (3, 3)
+        and stride == (1, 1)
+        and dilation == (1, 1)
+        and groups == 1
+        and min(o, cg) >= WINOGRAD_MIN_CHANNELS
+        and out_hw[0] * out_hw[1] >= WINOGRAD_MIN_PIXELS
+        and dtype in (torch.float32, torch.float64)
+    )
+
+
+def winograd_correlate(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    padding: Pad4,
+    bias: torch.Tensor | None = None,
+    rotated: bool = False,
+) -> torch.Tensor:
+    """Formula (1) for a 3x3 kernel at stride 1 (:func:`use_winograd`) by F(2x2, 3x3).
+
+    Each 2x2 block of outputs ``Y`` reads one 4x4 tile ``d`` of the padded input (tiles
+    overlap by 2); per tile, summed over input channels ``c``::
+
+        Y = A^T [ sum_c (G w[o, c] G^T) * (B^T d[c] B) ] A
+
+    16 products per 2x2 outputs and channel pair instead of 36: the sum over ``c`` is one
+    ``bmm`` over the 16 transform positions, 4/9 of the direct GEMM.  The transforms are
+    GEMMs with :func:`winograd_matrices`: of the kernel (once), of the tiles (a copy out of
+    a strided view first, like im2col's) and of the ``bmm``'s result, whose 2x2 blocks are
+    then written into NCHW.  The bias rides on position (1, 1), whose row of ``A^T (x) A^T``
+    is all ones.  A batch is processed a chunk at a time (:func:`batch_chunks`), the tile
+    buffers within the larger of input and output.
+
+    ``rotated``: use the kernel of formula (4) instead, ``w`` rotated by 180 deg with in and
+    out channels swapped, read from ``w`` as it is (the rotation reverses the kernel's 9
+    taps, i.e. the columns of ``G (x) G``).
+    """
+    n, c, h, wd = x.shape
+    top, bottom, left, right = padding
+    oh, ow = h + top + bottom - 2, wd + left + right - 2
+    ty, tx = winograd_tiles_hw((oh, ow))
+    gg, at_ = winograd_matrices(x.dtype, x.device)[1:]
+    u = torch.mm(gg.flip(1) if rotated else gg, w.reshape(-1, 9).t())  # G w G^T per kernel
+    u = u.view(16, w.shape[0], w.shape[1])
+    u = u.transpose(1, 2) if rotated else u  # (16, out channels, in channels)
+    o = u.shape[1]
+    even = (2 * ty, 2 * tx) == (oh, ow)
+
+    def tiles_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
+        m = x_part.shape[0]
+        v = winograd_input_tiles(x_part, padding, (ty, tx))  # B^T d B per tile
+        prod = torch.bmm(u, v).view(16, -1)  # (16, O*m*T): sum over c, per position
+        if bias is None:
+            y = torch.mm(at_, prod)
+        else:  # A^T (x) A^T's column 5 is all ones: the bias reaches all four outputs
+            b = bias.reshape(o, 1).expand(o, m * ty * tx).reshape(1, -1)
+            y = torch.addmm(b, at_, prod)
+        full = out if out is not None and even else x.new_empty(m, o, 2 * ty, 2 * tx)
+        # y[(a, b), (o, n, p, q)] is output (n, o, 2p + a, 2q + b)
+        full.view(m, o, ty, 2, tx, 2).permute(3, 5, 1, 0, 2, 4).copy_(y.view(2, 2, o, m, ty, tx))
+        return full if even else full[:, :, :oh, :ow]
+
+    return over_chunks(tiles_chunk, winograd_chunks(x, o, (oh, ow)), (n, o, oh, ow), x)
+
+
+def winograd_tiles_hw(out_hw: tuple[int, int]) -> tuple[int, int]:
+    """F(2x2, 3x3) tiles down and across for an output of ``out_hw`` (the last may overhang)."""
+    return -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+
+
+def winograd_chunks(x: torch.Tensor, out_channels: int, out_hw: tuple[int, int]) -> list[slice]:
+    """Chunks of the batch whose transformed tiles (16 per 2x2 outputs and input channel)
+    fit the larger of input and output (:func:`batch_chunks`)."""
+    ty, tx = winograd_tiles_hw(out_hw)
+    n, c = x.shape[:2]
+    budget = max(x.numel(), n * out_channels * out_hw[0] * out_hw[1], MIN_ROW_BUFFER)
+    return batch_chunks(n, 16 * c * ty * tx, budget)
+
+
+def winograd_input_tiles(x: torch.Tensor, padding: Pad4, tiles_hw: tuple[int, int]) -> torch.Tensor:
+    """``B^T d B`` for every 4x4 tile ``d`` of the padded input: ``(16, C, n*tH*tW)``.
+
+    Tile ``(p, q)`` is ``xp[n, c, 2p : 2p + 4, 2q : 2q + 4]`` (tiles overlap by 2); the input
+    is padded to the tiles' extent, one row/column more than the windows need if the
+    output's size is odd.  One copy out of a strided view, then one GEMM.
+    """
+    top, _, left, _ = padding
+    m, c, h, wd = x.shape
+    ty, tx = tiles_hw
+    xp = _pad(x, (top, 2 * ty + 2 - h - top, left, 2 * tx + 2 - wd - left))
+    s = xp.stride()
+    # d[(a, b), (c, n, p, q)] = xp[n, c, 2p + a, 2q + b]
+    tiles = xp.as_strided(
+        (4, 4, c, m, ty, tx), (s[2], s[3], s[1], s[0], 2 * s[2], 2 * s[3]), xp.storage_offset()
+    )
+    bt = winograd_matrices(x.dtype, x.device)[0]
+    return torch.mm(bt, tiles.reshape(16, -1)).view(16, c, m * ty * tx)
+
+
+def winograd_weight_grad(
+    x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, padding: Pad4
+) -> torch.Tensor:
+    """Formula (3) as the transpose of :func:`winograd_correlate`.  Per tile the forward is
+    linear in ``w``: ``vec Y = (A^T (x) A^T) [V * (G (x) G) vec w]`` with ``V = B^T d B``, so
+
+        dL/dw = (G (x) G)^T [ V * (A (x) A) vec dL/dY ]    summed over tiles and samples
+
+    i.e. the upstream gradient's 2x2 blocks transformed by one GEMM, one ``bmm`` contracting
+    them with the input's tiles over every tile of a chunk of the batch (4/9 of the direct
+    GEMM's products), and one GEMM back to the 3x3 taps.  Outputs the tiles overhang
+    have no gradient: ``g`` is padded with zeros there.
+    """
+    o, c = w_shape[:2]
+    n, _, oh, ow = g.shape
+    ty, tx = winograd_tiles_hw((oh, ow))
+    _, gg, at_ = winograd_matrices(x.dtype, x.device)
+    grad_u = g.new_empty(16, o, c)  # dL/d(G w G^T), per transform position
+    for k, part in enumerate(winograd_chunks(x, o, (oh, ow))):
+        v = winograd_input_tiles(x[part], padding, (ty, tx))  # (16, C, m*T)
+        g_part = _pad(
+            g[part],
+            (0, 0, 0, 0) if (2 * ty, 2 * tx) == (oh, ow) else (0, 2 * ty - oh, 0, 2 * tx - ow),
+        )
+        m = g_part.shape[0]
+        blocks = g_part.reshape(m, o, ty, 2, tx, 2).permute(3, 5, 1, 0, 2, 4).reshape(4, -1)
+        g_tiles = torch.mm(at_.t(), blocks).view(16, o, m * ty * tx)  # A dY A^T
+        grad_u.baddbmm_(g_tiles, v.transpose(1, 2), beta=min(k, 1))  # (beta=0: overwrite)
+    return torch.mm(grad_u.view(16, -1).t(), gg).view(w_shape)  # G^T (.) G, per (o, c)
+
+
 def correlate(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -206,6 +385,8 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if cg == 1 and o == groups:
         return depthwise_correlate(x, w, stride, (padding[0], padding[2]), dilation, (oh, ow), bias)
+    if use_winograd(w.shape, stride, dilation, groups, (oh, ow), x.dtype):
+        return winograd_correlate(x, w, padding, bias)
     per_sample = per_sample_rows(w.shape, stride)
     if not per_sample and use_columns(x.shape, w.shape, (oh, ow), stride, padding):
         budget = column_budget(x.numel(), n * o * oh * ow, w.numel())
@@ -527,10 +708,14 @@ def conv_input_grad(
     _, cg, kh, kw = w.shape
     h, wd = input_hw
     depthwise = cg == 1 and o == groups
+    same_size = (sh, sw) == (1, 1) and (oh, ow) == (h, wd)
+    if same_size and use_winograd(w.shape, geo.stride, geo.dilation, groups, (h, wd), g.dtype):
+        pad4 = (2 - top, 2 - bottom, 2 - left, 2 - right)  # "full" padding d*(k-1), cropped
+        return winograd_correlate(g, w, pad4, rotated=True)
     # the literal form re-lays out the kernel (a slow strided copy, weighted by its
     # measured ~2.5x): worth it when the kernel is small next to the activations
     small_kernel = 2.5 * w.numel() <= n * cg * groups * h * wd
-    if not depthwise and ((sh, sw) != (1, 1) or (oh, ow) != (h, wd) or not small_kernel):
+    if not depthwise and (not same_size or not small_kernel):
         if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
             return conv_input_grad_columns(g, w, input_hw, geo)
         return conv_input_grad_scatter(g, w, input_hw, geo)
@@ -683,8 +868,11 @@ def conv_weight_grad(
     geo: ConvGeometry,
 ) -> torch.Tensor:
     """Formula (3): dL/dw, the correlation of the padded input with ``g``, in the GEMM
-    layout the forward uses for this shape: :func:`conv_weight_grad_sample_rows`,
-    :func:`conv_weight_grad_columns` or :func:`conv_weight_grad_rows`."""
+    layout the forward uses for this shape: :func:`winograd_weight_grad`,
+    :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_columns` or
+    :func:`conv_weight_grad_rows`."""
+    if use_winograd(w_shape, geo.stride, geo.dilation, geo.groups, tuple(g.shape[-2:]), x.dtype):
+        return winograd_weight_grad(x, g, w_shape, geo.padding)
     if per_sample_rows(w_shape, geo.stride):
         return conv_weight_grad_sample_rows(x, g, w_shape, geo)
     if use_columns(x.shape, w_shape, tuple(g.shape[-2:]), geo.stride, geo.padding):

@@ -34,6 +34,7 @@ LAYOUTS = (
     "conv_weight_grad_columns",
     "conv_input_grad_columns",
     "conv_input_grad_scatter",
+    "winograd_input_tiles",  # per chunk, for each of winograd_correlate, winograd_weight_grad
 )
 
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts
@@ -93,6 +94,20 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         {},
         "_correlate_columns",
         {"_correlate_columns", "conv_weight_grad_columns"},
+    ),
+    "Winograd F(2x2, 3x3), same size: forward, dL/dx and dL/dw": (
+        (5, 128, 10, 10),
+        (128, 128, 3, 3),
+        dict(padding=1),
+        "winograd_input_tiles",
+        {"winograd_input_tiles"},
+    ),
+    "Winograd, odd output rows (the last tiles overhang), shrinking": (
+        (5, 128, 13, 12),
+        (128, 128, 3, 3),
+        dict(padding=(0, 1)),
+        "winograd_input_tiles",
+        {"winograd_input_tiles", "conv_input_grad_scatter"},
     ),
     "depthwise, strided": (
         (5, 3, 9, 9),
@@ -192,3 +207,26 @@ def test_weight_grad_contraction_split_among_threads(
     (expected,) = torch.autograd.grad(F.conv2d(x, w), w, upstream)
     result = compare("dw", dw, expected, exact=False)
     assert result.ok, result.message
+
+
+def test_winograd_float32_within_tolerance() -> None:
+    """In float32 the Winograd transforms must not cost accuracy a user would see: a
+    ResNet-sized layer (256 channels, 14x14) -- output, dL/dx and dL/dw against torch's
+    float64 result within torch.testing's float32 tolerances (parity's ``compare``)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, 14, 14, generator=gen)
+    w = torch.randn(256, 256, 3, 3, generator=gen) / 48  # ~unit-variance outputs
+    b = torch.randn(256, generator=gen)
+    upstream = torch.randn(2, 256, 14, 14, generator=gen)
+    assert conv.use_winograd(w.shape, (1, 1), (1, 1), 1, (14, 14), torch.float32)
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        args = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        fn = H.conv2d if dtype == torch.float32 else F.conv2d
+        y = fn(*args, padding=1)
+        results[dtype] = (y, *torch.autograd.grad(y, args[:2], upstream.to(dtype)))
+    for name, actual, expected in zip(
+        ("y", "dx", "dw"), results[torch.float32], results[torch.float64], strict=True
+    ):
+        result = compare(name, actual, expected, exact=False, dtype=torch.float32)
+        assert result.ok, result.message
