@@ -91,7 +91,8 @@ THIN_KERNEL_ROW = 8
 SPLIT_RESULT_MAX = 1 << 14
 # Winograd F(2x2, 3x3) pays off (measured) from this many input and output channels and
 # output pixels per sample: below, its transforms cost more than the products it saves
-# (ResNet 64@56, 256@7: 1.2-1.9x and 1.0-1.1x the time of the direct GEMMs).
+# (ResNet 64@56: forward 1.1-1.3x, fwd+bwd 1.0-1.1x the time of the direct GEMMs; 256@7:
+# 1.0-1.1x).
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_PIXELS = 100
 
