@@ -287,11 +287,18 @@ def winograd_correlate(
             b = bias.reshape(o, 1).expand(o, m * ty * tx).reshape(1, -1)
             y = torch.addmm(b, at_, prod)
         full = out if out is not None and even else x.new_empty(m, o, 2 * ty, 2 * tx)
-        # y[(a, b), (o, n, p, q)] is output (n, o, 2p + a, 2q + b)
-        full.view(m, o, ty, 2, tx, 2).permute(3, 5, 1, 0, 2, 4).copy_(y.view(2, 2, o, m, ty, tx))
+        output_blocks(full).copy_(y.view(2, 2, o, m, ty, tx))
         return full if even else full[:, :, :oh, :ow]
 
     return over_chunks(tiles_chunk, winograd_chunks(x, o, (oh, ow)), (n, o, oh, ow), x)
+
+
+def output_blocks(t: torch.Tensor) -> torch.Tensor:
+    """The 2x2 output blocks of an ``(n, O, 2*tH, 2*tW)`` tensor as the view
+    ``(2, 2, O, n, tH, tW)`` laid out like the GEMMs' rows and columns:
+    ``view[a, b, o, n, p, q] = t[n, o, 2p + a, 2q + b]``."""
+    n, o, h, w = t.shape
+    return t.view(n, o, h // 2, 2, w // 2, 2).permute(3, 5, 1, 0, 2, 4)
 
 
 def winograd_tiles_hw(out_hw: tuple[int, int]) -> tuple[int, int]:
@@ -348,13 +355,9 @@ def winograd_weight_grad(
     grad_u = g.new_empty(16, o, c)  # dL/d(G w G^T), per transform position
     for k, part in enumerate(winograd_chunks(x, o, (oh, ow))):
         v = winograd_input_tiles(x[part], padding, (ty, tx))  # (16, C, m*T)
-        g_part = _pad(
-            g[part],
-            (0, 0, 0, 0) if (2 * ty, 2 * tx) == (oh, ow) else (0, 2 * ty - oh, 0, 2 * tx - ow),
-        )
-        m = g_part.shape[0]
-        blocks = g_part.reshape(m, o, ty, 2, tx, 2).permute(3, 5, 1, 0, 2, 4).reshape(4, -1)
-        g_tiles = torch.mm(at_.t(), blocks).view(16, o, m * ty * tx)  # A dY A^T
+        g_part = _pad(g[part], (0, 2 * ty - oh, 0, 2 * tx - ow))  # (no-op when even)
+        blocks = output_blocks(g_part.contiguous()).reshape(4, -1)
+        g_tiles = torch.mm(at_.t(), blocks).view(16, o, -1)  # A dY A^T
         grad_u.baddbmm_(g_tiles, v.transpose(1, 2), beta=min(k, 1))  # (beta=0: overwrite)
     return torch.mm(grad_u.view(16, -1).t(), gg).view(w_shape)  # G^T (.) G, per (o, c)
 
