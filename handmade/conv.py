@@ -31,9 +31,10 @@ Where each is computed:
     (2) :func:`conv_bias_grad`: one reduction.
     (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
         the same buffers: :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
-        :func:`conv_weight_grad_sample_rows`.
+        :func:`conv_weight_grad_sample_rows`.  Depthwise kernels: (3) and (4) together from
+        one table of ``g``'s rows, (4) as one ``embedding_bag`` (:func:`depthwise_grads`).
     (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
-        call to :func:`correlate`) for depthwise and size-preserving convs; otherwise the
+        call to :func:`correlate`) for size-preserving convs; otherwise the
         same sum as the transpose of the forward's GEMMs, :func:`conv_input_grad_columns`
         (col2im) or :func:`conv_input_grad_scatter`, which need no zero-inserted copy of g.
         Size-preserving convs that take Winograd forward take it here too, with the
@@ -156,6 +157,11 @@ def sample_kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, oh: int)
     return rows[:, :, i * dh * ow : (i * dh + oh) * ow]
 
 
+def depthwise(w_shape: torch.Size, groups: int) -> bool:
+    """One input channel per output channel (MobileNet's depthwise convs)."""
+    return w_shape[1] == 1 and w_shape[0] == groups
+
+
 def depthwise_correlate(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -188,6 +194,130 @@ def depthwise_correlate(
         if t is not first:  # y += x_shifted * w_tap
             at(y, t.out).addcmul_(at(x, t.inp), w_ij[:, t.ij[0], t.ij[1]])
     return y
+
+
+def depthwise_table(
+    x: torch.Tensor, kw: int, sw: int, dw: int, padding: Pad4, ow: int
+) -> torch.Tensor:
+    """The rows a depthwise kernel's taps read, ``(n*C*kW*Hp, oW)``.
+
+    ``table[((n*C + c)*kW + j)*Hp + u, q] = x_p[n, c, u, q*sW + j*dW]``: for each kernel
+    column ``j``, every row of the padded input at the columns that column reads
+    (:func:`row_windows`, one copy; negative ``padding`` crops).
+    """
+    return row_windows(_pad(x, padding), kw, dw, sw, ow, batch_outer=True).reshape(-1, ow)
+
+
+def depthwise_bags(
+    m: int,
+    c: int,
+    kernel: tuple[int, int],
+    hp: int,
+    oh: int,
+    sh: int,
+    dh: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Which :func:`depthwise_table` rows make output row ``(n, c, p)``: ``(m*C*oH, kH*kW)``,
+    ``bags[(n, c, p), (i, j)] = ((n*C + c)*kW + j)*Hp + p*sH + i*dH``; int32 where the
+    table's rows allow (half the index traffic: 1-4 % faster here)."""
+    kh, kw = kernel
+    d = dict(device=device, dtype=torch.int32 if m * c * kw * hp < 2**31 else torch.int64)
+    plane = torch.arange(m * c, **d).view(-1, 1, 1) * (kw * hp)  # (n, c)
+    row = torch.arange(0, oh * sh, sh, **d).view(1, -1, 1)  # p
+    tap = (
+        torch.arange(0, kh * dh, dh, **d).view(-1, 1)  # i
+        + torch.arange(0, kw * hp, hp, **d)  # j
+    ).view(1, 1, -1)
+    return (plane + row + tap).view(-1, kh * kw)
+
+
+def depthwise_grads(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w: torch.Tensor,
+    geo: ConvGeometry,
+    input_grad: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Formulas (4) and (3) for a depthwise kernel, both from one table of ``g`` per chunk.
+
+    (4) is the correlation of ``g`` -- stride-dilated, padded "full" (``d*(k-1)`` minus
+    the forward's padding) -- with the kernel rotated by 180 deg (rotating is all there
+    is: the channel roles coincide).  Row by row it reads::
+
+        dL/dx[n,c,u,:] = sum_{i,j} w[c, kH-1-i, kW-1-j] * T[((n*C + c)*kW + j)*Hp + u + i*dH, :]
+
+    over the table ``T`` of ``g_full``'s rows at each kernel column's shift
+    (:func:`depthwise_table`): a weighted sum of ``kH*kW`` table rows per row of dL/dx,
+    which is what :func:`torch.nn.functional.embedding_bag` computes in one pass (a bag
+    of rows per output row, :func:`depthwise_bags`; the taps as per-sample weights) where
+    one multiply-add per tap would be ``kH*kW`` passes.  (3) reads the same table::
+
+        dL/dw[c, kH-1-i, kW-1-j] = sum_{n,u,v} x[n,c,u,v] * T[((n*C + c)*kW + j)*Hp + u + i*dH, v]
+
+    for each ``i`` one batched product of every ``x`` plane with the ``kW`` runs of
+    ``H*W`` table entries from row ``i*dH`` on (whole rows: each run is contiguous).
+    Tables are built a chunk of the batch at a time, within the larger of input and
+    upstream gradient (:func:`column_budget`).
+    """
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    top, _, left, _ = geo.padding
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[-2:]
+    g_full = g
+    if (sh, sw) != (1, 1):  # stride-dilate g: insert s-1 zeros between its rows/columns
+        g_full = g.new_zeros(*g.shape[:2], (g.shape[2] - 1) * sh + 1, (g.shape[3] - 1) * sw + 1)
+        g_full[:, :, ::sh, ::sw] = g
+    full_h, full_w = dh * (kh - 1), dw * (kw - 1)
+    # "full" padding before; after, what makes the correlation the input's size
+    pad = (full_h - top, h + top - g_full.shape[2], full_w - left, wd + left - g_full.shape[3])
+    hp = h + full_h
+    chunks = batch_chunks(n, c * kw * hp * wd, column_budget(x.numel(), g.numel(), w.numel()))
+    if input_grad:
+        m = len(range(n)[chunks[0]])  # samples in the largest chunk
+        bags = depthwise_bags(m, c, (kh, kw), hp, h, 1, dh, x.device)
+        # the bags' weights: the rotated kernel, w[c, kH-1-i, kW-1-j], for every row (n, c, u)
+        taps = w.flip(-2, -1).reshape(1, c, 1, kh * kw).expand(m, c, h, kh * kw)
+        taps = taps.reshape(-1, kh * kw)
+    x_grads, w_grad_rotated = [], None  # w_grad_rotated[i, c, j] = dL/dw[c, kH-1-i, kW-1-j]
+    for part in chunks:
+        table = depthwise_table(g_full[part], kw, 1, dw, pad, wd)
+        k = table.shape[0] // (kw * hp)  # planes (n, c) in this chunk
+        if input_grad:
+            rows = F.embedding_bag(
+                bags[: k * h], table, mode="sum", per_sample_weights=taps[: k * h]
+            )
+            x_grads.append(rows.view(-1, c, h, wd))
+        if weight_grad:
+            runs = table.view(-1, c, kw, hp, wd)
+            x_rows = x[part].reshape(k, 1, h * wd)
+            per_plane = torch.stack(
+                [torch.bmm(x_rows, sample_kernel_row(runs, c, i, dh, h).mT) for i in range(kh)]
+            )  # (kH, n*C, 1, kW): [i, (n, c), 0, j]
+            part_sum = per_plane.view(kh, -1, c, kw).sum(1)
+            w_grad_rotated = part_sum if w_grad_rotated is None else w_grad_rotated + part_sum
+    x_grad = w_grad = None
+    if input_grad:
+        x_grad = x_grads[0] if len(x_grads) == 1 else torch.cat(x_grads)
+    if weight_grad:
+        w_grad = w_grad_rotated.permute(1, 0, 2).flip(1, 2).reshape(c, 1, kh, kw)
+        # The table's sum also multiplies the inputs no window of a tap reads (edges, rows
+        # and columns a stride skips) by the zeros padded or inserted into g: exactly 0
+        # unless such an input is inf or NaN, when it makes a NaN torch's sum has no term
+        # for.  So a NaN-free result is torch's; otherwise the forward's transpose decides.
+        if _has_nan(w_grad):
+            w_grad = conv_weight_grad(x, g, w.shape, geo)
+    return x_grad, w_grad
+
+
+def _has_nan(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a NaN; ``True`` where its values cannot steer Python (under
+    ``vmap``, data-dependent control flow raises), so the caller takes its exact path."""
+    try:
+        return bool(t.isnan().any())
+    except RuntimeError:
+        return True
 
 
 # Winograd's minimal filtering F(2, 3) (Lavin & Gray, 2016): two outputs of a 3-tap
@@ -387,7 +517,7 @@ def correlate(
     hp, wp = h + padding[0] + padding[1], wd + padding[2] + padding[3]
     oh = (hp - dh * (kh - 1) - 1) // sh + 1
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
-    if cg == 1 and o == groups:
+    if depthwise(w.shape, groups):
         return depthwise_correlate(x, w, stride, (padding[0], padding[2]), dilation, (oh, ow), bias)
     if use_winograd(w.shape, stride, dilation, groups, (oh, ow), x.dtype):
         return winograd_correlate(x, w, padding, bias)
@@ -696,22 +826,20 @@ def conv_input_grad(
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
 
-    Written literally for depthwise kernels and for size-preserving ("same") convs with
-    a kernel small next to the activations: ``g`` is stride-dilated (zeros inserted),
-    padded by ``d*(k-1)`` (for depthwise implicitly: :func:`depthwise_correlate` reads
-    only in-bounds taps) and correlated with the rotated kernel, its in/out channel roles
-    swapped, by the forward's own :func:`correlate`.  Where that would spend most of its
-    work on inserted or padded zeros (a strided conv, a shrinking one such as LeNet's) or
-    on re-laying out a large kernel, the same sum is evaluated as the transpose of the
-    forward GEMMs instead, which uses the kernel as it is: :func:`conv_input_grad_columns`
-    (col2im) or :func:`conv_input_grad_scatter` (row scatter).
+    Written literally for size-preserving ("same") convs with a kernel small next to the
+    activations: ``g`` is padded by ``d*(k-1)`` and correlated with the rotated kernel,
+    its in/out channel roles swapped, by the forward's own :func:`correlate`.  Where that
+    would spend most of its work on padded or stride-inserted zeros (a strided conv, a
+    shrinking one such as LeNet's) or on re-laying out a large kernel, the same sum is
+    evaluated as the transpose of the forward GEMMs instead, which uses the kernel as it
+    is: :func:`conv_input_grad_columns` (col2im) or :func:`conv_input_grad_scatter` (row
+    scatter).  (The backward of a depthwise conv takes :func:`depthwise_grads`.)
     """
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
     _, cg, kh, kw = w.shape
     h, wd = input_hw
-    depthwise = cg == 1 and o == groups
     same_size = (sh, sw) == (1, 1) and (oh, ow) == (h, wd)
     if same_size and use_winograd(w.shape, geo.stride, geo.dilation, groups, (h, wd), g.dtype):
         pad4 = (2 - top, 2 - bottom, 2 - left, 2 - right)  # "full" padding d*(k-1), cropped
@@ -719,20 +847,12 @@ def conv_input_grad(
     # the literal form re-lays out the kernel (a slow strided copy, weighted by its
     # measured ~2.5x): worth it when the kernel is small next to the activations
     small_kernel = 2.5 * w.numel() <= n * cg * groups * h * wd
-    if not depthwise and (not same_size or not small_kernel):
+    if not same_size or not small_kernel:
         if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
             return conv_input_grad_columns(g, w, input_hw, geo)
         return conv_input_grad_scatter(g, w, input_hw, geo)
-    if (sh, sw) != (1, 1):  # stride-dilate g: insert s-1 zeros between its rows/columns
-        g_dilated = g.new_zeros(n, o, (oh - 1) * sh + 1, (ow - 1) * sw + 1)
-        g_dilated[:, :, ::sh, ::sw] = g
-        g = g_dilated
-    # "full" padding d*(k-1) on both sides of g, minus the forward's padding (cropped
-    # away); the output is the input's size (rows/cols a stride skipped get zero).
+    # "full" padding d*(k-1) on both sides of g, minus the forward's padding (cropped away)
     full_h, full_w = dh * (kh - 1), dw * (kw - 1)
-    if depthwise:  # in/out channel roles coincide: rotating the kernel is all there is
-        pad = (full_h - top, full_w - left)
-        return depthwise_correlate(g, w.flip(-2, -1), (1, 1), pad, (dh, dw), input_hw)
     # rotate by 180 deg and swap in/out channels within each group: (C, O/g, kH, kW)
     w_rot = (
         w.reshape(groups, o // groups, cg, kh, kw)
@@ -1032,11 +1152,15 @@ class Conv2dFunction(torch.autograd.Function):
         if unbatched:
             x, g = x.unsqueeze(0), g.unsqueeze(0)
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
-            gx = gx.squeeze(0) if unbatched else gx
-        if ctx.needs_input_grad[1]:
-            gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
+        if depthwise(weight.shape, geo.groups):  # (4) and (3) from one table of g
+            gx, gw = depthwise_grads(x, g, weight, geo, *ctx.needs_input_grad[:2])
+        else:
+            if ctx.needs_input_grad[0]:
+                gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
+            if ctx.needs_input_grad[1]:
+                gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
+        if gx is not None and unbatched:
+            gx = gx.squeeze(0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = conv_bias_grad(g)  # (2)
         return gx, gw, gb, None

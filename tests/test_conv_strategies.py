@@ -26,6 +26,8 @@ from parity.checks import compare
 # the functions that do a pass's work, one per layout
 LAYOUTS = (
     "depthwise_correlate",
+    "depthwise_grads",
+    "depthwise_table",  # per chunk, in depthwise_grads
     "_correlate_sample_rows",
     "_correlate_rows",
     "_correlate_columns",
@@ -114,12 +116,30 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (3, 1, 3, 3),
         dict(groups=3, stride=2, padding=1),
         "depthwise_correlate",
-        {"depthwise_correlate", "conv_weight_grad_columns"},
+        {"depthwise_grads", "depthwise_table"},
+    ),
+    "channel multiplier (one input, three outputs per group: not depthwise)": (
+        (5, 2, 10, 9),
+        (6, 1, 3, 2),
+        dict(groups=2, dilation=(2, 1), padding=(2, 0)),
+        "_correlate_sample_rows",
+        {"conv_input_grad_scatter", "conv_weight_grad_sample_rows"},
+    ),
+    "depthwise, dilated, padding beyond the full one's (g cropped)": (
+        (5, 4, 8, 9),
+        (4, 1, 3, 3),
+        dict(groups=4, dilation=(1, 2), padding=(1, 5)),
+        "depthwise_correlate",
+        {"depthwise_grads", "depthwise_table"},
     ),
 }
 
 # no buffer larger than the input: nothing to split
-UNBUFFERED = {"1x1", "depthwise, strided"}
+UNBUFFERED = {
+    "1x1",
+    "depthwise, strided",
+    "depthwise, dilated, padding beyond the full one's (g cropped)",
+}
 
 
 @pytest.fixture
@@ -162,6 +182,8 @@ def test_each_layout_matches_torch(
     assert set(spy) == backward_layouts
     if split and case not in UNBUFFERED:  # the forward's layout ran once per chunk
         assert len(forward_calls) > 1
+    if split and "depthwise_table" in backward_layouts:  # one table of g per chunk
+        assert spy.count("depthwise_table") > 1
 
     # an output that is a view of a buffer made inside the Function would make the next
     # in-place op (ReLU(inplace=True)) raise
