@@ -1152,12 +1152,14 @@ class Conv2dFunction(torch.autograd.Function):
         if unbatched:
             x, g = x.unsqueeze(0), g.unsqueeze(0)
         gx = gw = gb = None
+        # depthwise: (4) and (3) from one table of g -- except under forward-mode AD through
+        # this backward (fwd-over-rev), for which embedding_bag has no rule: the general sums
         table = depthwise(weight.shape, geo.groups)
-        if table:  # (4) and (3) from one table of g
+        if table:
             try:
                 gx, gw = depthwise_grads(x, g, weight, geo, *ctx.needs_input_grad[:2])
-            except NotImplementedError:  # forward-mode AD through this backward (fwd-over-
-                table = False  # rev): embedding_bag has no rule; the general sums have
+            except NotImplementedError:
+                table = False
         if not table:
             if ctx.needs_input_grad[0]:
                 gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
