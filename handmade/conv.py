@@ -34,9 +34,9 @@ Where each is computed:
         :func:`conv_weight_grad_sample_rows`.  Depthwise kernels: (3) and (4) together from
         one table of ``g``'s rows, (4) as one ``embedding_bag`` (:func:`depthwise_grads`).
     (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
-        call to :func:`correlate`) for size-preserving convs; otherwise the
-        same sum as the transpose of the forward's GEMMs, :func:`conv_input_grad_columns`
-        (col2im) or :func:`conv_input_grad_scatter`, which need no zero-inserted copy of g.
+        call to :func:`correlate`) for size-preserving convs; otherwise the same sum as the
+        transpose of the forward's GEMMs, :func:`conv_input_grad_columns` (col2im) or
+        :func:`conv_input_grad_scatter`, which need no zero-inserted copy of g.
         Size-preserving convs that take Winograd forward take it here too, with the
         rotated kernel read from ``w`` as it is.
 
