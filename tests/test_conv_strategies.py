@@ -111,6 +111,20 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         "winograd_input_tiles",
         {"winograd_input_tiles", "conv_input_grad_scatter"},
     ),
+    "depthwise, same size (each table block one shifted flat copy)": (
+        (5, 4, 7, 9),
+        (4, 1, 3, 3),
+        dict(groups=4, padding=1),
+        "depthwise_correlate",
+        {"depthwise_grads", "depthwise_table"},
+    ),
+    "depthwise, same size, dilated, even kernel width (uneven shifts)": (
+        (5, 3, 8, 7),
+        (3, 1, 3, 4),
+        dict(groups=3, padding="same", dilation=(2, 1)),
+        "depthwise_correlate",
+        {"depthwise_grads", "depthwise_table"},
+    ),
     "depthwise, strided": (
         (5, 3, 9, 9),
         (3, 1, 3, 3),
@@ -137,6 +151,8 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
 # no buffer larger than the input: nothing to split
 UNBUFFERED = {
     "1x1",
+    "depthwise, same size (each table block one shifted flat copy)",
+    "depthwise, same size, dilated, even kernel width (uneven shifts)",
     "depthwise, strided",
     "depthwise, dilated, padding beyond the full one's (g cropped)",
 }
