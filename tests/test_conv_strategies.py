@@ -111,14 +111,14 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         "winograd_input_tiles",
         {"winograd_input_tiles", "conv_input_grad_scatter"},
     ),
-    "depthwise, same size (each table block one shifted flat copy)": (
+    "depthwise, same size (the bench's MobileNet geometry)": (
         (5, 4, 7, 9),
         (4, 1, 3, 3),
         dict(groups=4, padding=1),
         "depthwise_correlate",
         {"depthwise_grads", "depthwise_table"},
     ),
-    "depthwise, same size, dilated, even kernel width (uneven shifts)": (
+    "depthwise, same size, dilated, even kernel width (uneven 'same' padding)": (
         (5, 3, 8, 7),
         (3, 1, 3, 4),
         dict(groups=3, padding="same", dilation=(2, 1)),
@@ -151,8 +151,8 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
 # no buffer larger than the input: nothing to split
 UNBUFFERED = {
     "1x1",
-    "depthwise, same size (each table block one shifted flat copy)",
-    "depthwise, same size, dilated, even kernel width (uneven shifts)",
+    "depthwise, same size (the bench's MobileNet geometry)",
+    "depthwise, same size, dilated, even kernel width (uneven 'same' padding)",
     "depthwise, strided",
     "depthwise, dilated, padding beyond the full one's (g cropped)",
 }
