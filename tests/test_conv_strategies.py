@@ -183,6 +183,7 @@ def test_each_layout_matches_torch(
     if split:  # every buffer over budget: each batch is cut into chunks
         monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
         monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
+        monkeypatch.setattr(conv, "DEPTHWISE_TABLE_FACTOR", 1)
     gen = torch.Generator().manual_seed(0)
     x, w, b = (
         torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -210,6 +211,31 @@ def test_each_layout_matches_torch(
     for name, actual, expected in zip(
         ("y", "dx", "dw", "db"), (y, *grads), (y_ref, *refs), strict=True
     ):
+        result = compare(name, actual, expected, exact=False)
+        assert result.ok, result.message
+
+
+@pytest.mark.parametrize(("kernel_width", "tables"), [(3, 1), (5, 2)])
+def test_depthwise_table_whole_batch_within_its_budget(
+    kernel_width: int, tables: int, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The depthwise backward builds one table of ``g`` for the whole batch while it takes
+    at most ``DEPTHWISE_TABLE_FACTOR`` (4) times the larger of input and ``g``: a 3-wide
+    kernel's (3 shifted copies of 8 padded rows per 6: exactly 4x here) in one piece, a
+    5-wide kernel's (6.7x) in two chunks.  Either way: torch's gradients."""
+    monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)  # the budget binds for this small batch
+    monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 6, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 3, kernel_width, generator=gen, dtype=torch.float64, requires_grad=True)
+    kwargs: dict[str, Any] = dict(groups=2, padding=(1, kernel_width // 2))
+    y = H.conv2d(x, w, **kwargs)
+    upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    spy.clear()
+    grads = torch.autograd.grad(y, (x, w), upstream)
+    assert spy.count("depthwise_table") == tables
+    refs = torch.autograd.grad(F.conv2d(x, w, **kwargs), (x, w), upstream)
+    for name, actual, expected in zip(("dx", "dw"), grads, refs, strict=True):
         result = compare(name, actual, expected, exact=False)
         assert result.ok, result.message
 
