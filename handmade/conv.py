@@ -447,10 +447,11 @@ def winograd_tiles_hw(out_hw: tuple[int, int]) -> tuple[int, int]:
 
 def winograd_chunks(x: torch.Tensor, out_channels: int, out_hw: tuple[int, int]) -> list[slice]:
     """Chunks of the batch whose transformed tiles (16 per 2x2 outputs and input channel)
-    fit the larger of input and output (:func:`batch_chunks`)."""
+    fit the larger of input and output (:func:`column_budget`; no re-laid-out kernel to
+    count: its transform is 16/9 of the kernel, made once)."""
     ty, tx = winograd_tiles_hw(out_hw)
     n, c = x.shape[:2]
-    budget = max(x.numel(), n * out_channels * out_hw[0] * out_hw[1], MIN_ROW_BUFFER)
+    budget = column_budget(x.numel(), n * out_channels * out_hw[0] * out_hw[1], 0)
     return batch_chunks(n, 16 * c * ty * tx, budget)
 
 
