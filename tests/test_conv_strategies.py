@@ -183,6 +183,7 @@ def test_each_layout_matches_torch(
     if split:  # every buffer over budget: each batch is cut into chunks
         monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
         monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
+        monkeypatch.setattr(conv, "row_budget", lambda _input, _output: 1)  # any thread count
         monkeypatch.setattr(conv, "DEPTHWISE_TABLE_FACTOR", 1)
     gen = torch.Generator().manual_seed(0)
     x, w, b = (
@@ -236,6 +237,31 @@ def test_depthwise_table_whole_batch_within_its_budget(
     assert spy.count("depthwise_table") == tables
     refs = torch.autograd.grad(F.conv2d(x, w, **kwargs), (x, w), upstream)
     for name, actual, expected in zip(("dx", "dw"), grads, refs, strict=True):
+        result = compare(name, actual, expected, exact=False)
+        assert result.ok, result.message
+
+
+@pytest.mark.parametrize(("threads", "chunks"), [(1, 6), (2, 1)])
+def test_row_buffer_budget_grows_with_threads(
+    threads: int, chunks: int, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A width-only row buffer may take the smaller of input and output on one intra-op
+    thread, the larger on more (:func:`handmade.conv.row_budget`): a LeNet-conv1-like
+    layer (output 8x its input, buffer 6.7x) runs in one chunk per sample on one thread
+    and whole on two.  Either way: torch's output and gradients."""
+    monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)  # the budget binds for this small batch
+    monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 12, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 1, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    with intra_op_threads(threads):
+        y = H.conv2d(x, w, padding=2)
+        assert spy.count("_correlate_sample_rows") == chunks
+        upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad(y, (x, w), upstream)
+    y_ref = F.conv2d(x, w, padding=2)
+    refs = torch.autograd.grad(y_ref, (x, w), upstream)
+    for name, actual, expected in zip(("y", "dx", "dw"), (y, *grads), (y_ref, *refs), strict=True):
         result = compare(name, actual, expected, exact=False)
         assert result.ok, result.message
 
