@@ -86,6 +86,13 @@ PER_SAMPLE_COLUMNS = 512
 # whole batch far below peak (measured): such stride-1 convs run one GEMM per sample and
 # kernel row (:func:`per_sample_rows`).
 THIN_KERNEL_ROW = 8
+# Kernel rows narrower than this (``C*kW``: LeNet's second layer, 30) give the per-row GEMMs
+# too short a contraction: an ungrouped conv with no height dilation stacks its ``kH`` rows
+# into one (:func:`stacked_rows`).  LeNet conv2's forward (the bench's pass, best of 5
+# interleaved rounds) at 2 threads: 0.84x the time at batch 64, 0.85x at 256 (1 thread:
+# 0.88x, 0.99x); the LeNet training step at 2 threads 0.94x at either batch.  Wider rows
+# do not gain: ResNet 64@56 (192 wide, one sample per chunk) took 1.06-1.11x.
+STACKED_ROW_MAX = 64
 # A weight-gradient GEMM whose result has at most this many elements (LeNet's second
 # layer: 16x150) but a long contraction runs on one thread (measured); with more intra-op
 # threads its contraction is split among them (:func:`contraction_parts`).
@@ -118,23 +125,27 @@ class ConvGeometry(NamedTuple):
 
 
 def row_windows(
-    xp: torch.Tensor, kw: int, dw: int, sw: int, ow: int, batch_outer: bool = False
+    xp: torch.Tensor, kw: int, dw: int, sw: int, ow: int, order: str = "channel"
 ) -> torch.Tensor:
     """im2col along the width only: ``(N, C, Hp, Wp) -> (C, kW, Hp, N, oW)``.
 
     ``rows[c, j, u, n, q] = xp[n, c, u, q*sW + j*dW]``, one copy out of a strided view.
     Kernel row ``i`` reads the slice ``u = p*sH + i*dH`` of this buffer, so all windows
     are reachable without the full ``kH*kW``-fold im2col matrix; with the batch inside,
-    each slice is one wide matrix ``(C*kW, oH*N*oW)``, a free view for stride 1.  With
-    ``batch_outer`` the layout is ``(N, C, kW, Hp, oW)``: one matrix per sample
-    (:func:`sample_kernel_row`).
+    each slice is one wide matrix ``(C*kW, oH*N*oW)``, a free view for stride 1.  Other
+    orders of the same buffer: ``"sample"``, ``(N, C, kW, Hp, oW)``, one matrix per sample
+    (:func:`sample_kernel_row`); ``"height"``, ``(Hp, C, kW, N, oW)``, in which the
+    ``kH`` rows of the windows of output row ``p`` are one contiguous run
+    (:func:`_correlate_stacked_rows`).
     """
     n, c, hp, _ = xp.shape
-    st = xp.stride()
-    if batch_outer:
-        shape, strides = (n, c, kw, hp, ow), (st[0], st[1], st[3] * dw, st[2], st[3] * sw)
-    else:
-        shape, strides = (c, kw, hp, n, ow), (st[1], st[3] * dw, st[2], st[0], st[3] * sw)
+    (sn, sc, su, sq), j_step = xp.stride(), xp.stride(3) * dw
+    if order == "channel":
+        shape, strides = (c, kw, hp, n, ow), (sc, j_step, su, sn, sq * sw)
+    elif order == "sample":
+        shape, strides = (n, c, kw, hp, ow), (sn, sc, j_step, su, sq * sw)
+    else:  # "height"
+        shape, strides = (hp, c, kw, n, ow), (su, sc, j_step, sn, sq * sw)
     return xp.as_strided(shape, strides, xp.storage_offset()).contiguous()
 
 
@@ -153,7 +164,7 @@ def kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, sh: int, oh: in
 def sample_kernel_row(rows: torch.Tensor, groups: int, i: int, dh: int, oh: int) -> torch.Tensor:
     """Stride 1: the input seen by kernel row ``i``, per sample: ``(N*g, C/g*kW, oH*oW)``.
 
-    ``rows``: :func:`row_windows` with ``batch_outer``.
+    ``rows``: :func:`row_windows` in ``"sample"`` order.
     ``out[(n, g), (c, j), (p, q)] = xp[n, g*C/g + c, p + i*dH, q*sW + j*dW]``, a view: the
     rows ``p + i*dH`` of a sample are one contiguous run.
     """
@@ -212,7 +223,7 @@ def depthwise_table(
     column ``j``, every row of the padded input at the columns that column reads
     (:func:`row_windows`, one copy; negative ``padding`` crops).
     """
-    return row_windows(_pad(x, padding), kw, dw, sw, ow, batch_outer=True).reshape(-1, ow)
+    return row_windows(_pad(x, padding), kw, dw, sw, ow, order="sample").reshape(-1, ow)
 
 
 def depthwise_bags(
@@ -543,12 +554,19 @@ def correlate(
             (n, o, oh, ow),
             x,
         )
-    w_rows = weight_rows(w, groups)  # both width-only layouts: one GEMM per kernel row
+    stacked = not per_sample and stacked_rows(w.shape, dilation, groups)
+    if stacked:  # one GEMM per output row, over all kernel rows
+        w_rows = w.permute(0, 2, 1, 3).reshape(o, kh * cg * kw)  # w[o, (i, c, j)]
+    else:  # the other width-only layouts: one GEMM per kernel row
+        w_rows = weight_rows(w, groups)
 
     def rows_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         xp = _pad(x_part, padding)
         if per_sample:  # (n, O, oH, oW) directly
             return _correlate_sample_rows(xp, w_rows, kw, sw, dilation, bias, (oh, ow), out)
+        if stacked:
+            y = _correlate_stacked_rows(xp, w_rows, kw, stride, dw, bias, (oh, ow))
+            return y.view(oh, o, -1, ow).permute(2, 1, 0, 3)  # (n, O, oH, oW)
         y = _correlate_rows(xp, w_rows, kw, stride, dilation, bias, (oh, ow))
         return y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)  # (n, O, oH, oW)
 
@@ -683,6 +701,43 @@ def _correlate_rows(
     return y
 
 
+def stacked_rows(w_shape: torch.Size, dilation: tuple[int, int], groups: int) -> bool:
+    """Whether the forward stacks the kernel rows (:func:`_correlate_stacked_rows`): an
+    ungrouped conv without height dilation whose kernel rows are narrower than
+    ``STACKED_ROW_MAX`` (``C*kW``), with more than one of them."""
+    _, cg, kh, kw = w_shape
+    return groups == 1 and dilation[0] == 1 and kh > 1 and cg * kw < STACKED_ROW_MAX
+
+
+def _correlate_stacked_rows(
+    xp: torch.Tensor,
+    w_flat: torch.Tensor,
+    kw: int,
+    stride: tuple[int, int],
+    dw: int,
+    bias: torch.Tensor | None,
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Formula (1) for one chunk, all kernel rows in one contraction: ``(oH, O, n*oW)``.
+
+    In the ``"height"`` order of :func:`row_windows`, ``(Hp, C, kW, n, oW)``, the ``kH``
+    buffer rows that output row ``p`` reads (``p*sH`` to ``p*sH + kH - 1``) are one
+    contiguous run: the windows of every output row are one overlapping strided view
+    ``(oH, kH*C*kW, n*oW)`` of the buffer, no copy, and one batched GEMM with the kernel
+    as ``w_flat[o, (i, c, j)]`` contracts each over ``(i, c, j)`` at once.
+    """
+    n = xp.shape[0]
+    o, k = w_flat.shape
+    (sh, sw), (oh, ow) = stride, out_hw
+    rows = row_windows(xp, kw, dw, sw, ow, order="height")
+    row = rows[0].numel()  # C*kW*n*oW elements per buffer row
+    windows = rows.as_strided((oh, k, n * ow), (sh * row, n * ow, 1))  # rows p*sH + i
+    w_b = w_flat.expand(oh, o, k)
+    if bias is None:
+        return torch.bmm(w_b, windows)
+    return torch.baddbmm(bias.reshape(1, o, 1).expand(oh, o, n * ow), w_b, windows)
+
+
 def per_sample_rows(w_shape: torch.Size, stride: tuple[int, int]) -> bool:
     """Whether a conv runs per sample (:func:`_correlate_sample_rows`,
     :func:`conv_weight_grad_sample_rows`): stride 1 down the height and kernel rows
@@ -710,7 +765,7 @@ def _correlate_sample_rows(
     n = xp.shape[0]
     kh, groups, og, _ = w_rows.shape
     (dh, dw), (oh, ow) = dilation, out_hw
-    rows = row_windows(xp, kw, dw, sw, ow, batch_outer=True)
+    rows = row_windows(xp, kw, dw, sw, ow, order="sample")
     if out is None:  # filled in place: the result is not a view
         out = xp.new_empty(n, groups * og, oh, ow)
     y = out.view(n * groups, og, oh * ow)
@@ -1079,7 +1134,7 @@ def conv_weight_grad_sample_rows(
     hp = h + geo.padding[0] + geo.padding[1]
     dw_rows = None  # (kH, g, O/g, C/g*kW): dw_rows[i] = dw[:, :, i, :]
     for part in batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), g.numel())):
-        rows = row_windows(_pad(x[part], geo.padding), kw, dw, geo.stride[1], ow, batch_outer=True)
+        rows = row_windows(_pad(x[part], geo.padding), kw, dw, geo.stride[1], ow, order="sample")
         m = rows.shape[0]
         g_part = g[part].reshape(m * groups, o // groups, oh * ow)
         per_sample = torch.stack(

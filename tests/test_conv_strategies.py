@@ -30,6 +30,7 @@ LAYOUTS = (
     "depthwise_table",  # per chunk, in depthwise_grads
     "_correlate_sample_rows",
     "_correlate_rows",
+    "_correlate_stacked_rows",
     "_correlate_columns",
     "conv_weight_grad_sample_rows",
     "conv_weight_grad_rows",
@@ -46,7 +47,8 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (3, 1, 5, 5),
         dict(padding=2),
         "_correlate_sample_rows",
-        {"_correlate_rows", "conv_weight_grad_sample_rows"},  # dL/dx: literal correlation
+        # dL/dx: the literal correlation, whose rotated kernel (3 wide rows of 5) stacks
+        {"_correlate_stacked_rows", "conv_weight_grad_sample_rows"},
     ),
     "thin rows, per sample, groups + dilation + width stride": (
         (5, 4, 11, 12),
@@ -55,19 +57,33 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         "_correlate_sample_rows",
         {"conv_input_grad_columns", "conv_weight_grad_sample_rows"},
     ),
-    "width-only rows, same size": (
+    "stacked kernel rows, same size": (
         (5, 8, 10, 10),
         (6, 8, 3, 3),
         dict(padding=1),
-        "_correlate_rows",
-        {"_correlate_rows", "conv_weight_grad_rows"},
+        "_correlate_stacked_rows",
+        {"_correlate_stacked_rows", "conv_weight_grad_rows"},
     ),
-    "width-only rows, shrinking (LeNet conv2)": (
+    "stacked kernel rows, shrinking (LeNet conv2)": (
         (5, 6, 14, 14),
         (16, 6, 5, 5),
         {},
-        "_correlate_rows",
+        "_correlate_stacked_rows",
         {"conv_input_grad_scatter", "conv_weight_grad_rows"},
+    ),
+    "width-only rows, wide kernel rows (24 channels x 3: one GEMM per kernel row)": (
+        (5, 24, 8, 8),
+        (6, 24, 3, 3),
+        dict(padding=1),
+        "_correlate_rows",
+        {"_correlate_columns", "conv_weight_grad_rows"},  # dL/dx: 24 outputs of 6 inputs
+    ),
+    "width-only rows, height dilation (no stacking)": (
+        (5, 8, 10, 10),
+        (6, 8, 3, 3),
+        dict(padding=2, dilation=2),
+        "_correlate_rows",
+        {"_correlate_rows", "conv_weight_grad_rows"},
     ),
     "full columns, one GEMM per sample": (
         (5, 4, 48, 48),
@@ -214,6 +230,27 @@ def test_each_layout_matches_torch(
     ):
         result = compare(name, actual, expected, exact=False)
         assert result.ok, result.message
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(stride=(2, 1), padding=2), dict(stride=(3, 2), dilation=(1, 2), padding=(1, 3))],
+    ids=["height stride", "both strides, width dilation"],
+)
+def test_stacked_rows_with_strides(
+    kwargs: dict[str, Any], spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacked kernel rows' windows step ``sH`` buffer rows per output row and read the
+    width with its stride and dilation: torch's output.  (Small strided convs take the
+    full columns, so the rows layout is forced.)"""
+    monkeypatch.setattr(conv, "use_columns", lambda *_args: False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 12, 13, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 2, 5, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, generator=gen, dtype=torch.float64)
+    result = compare("y", H.conv2d(x, w, b, **kwargs), F.conv2d(x, w, b, **kwargs), exact=False)
+    assert spy == ["_correlate_stacked_rows"]
+    assert result.ok, result.message
 
 
 @pytest.mark.parametrize(("kernel_width", "tables"), [(3, 1), (5, 2)])
