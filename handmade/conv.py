@@ -90,8 +90,10 @@ THIN_KERNEL_ROW = 8
 # too short a contraction: an ungrouped conv with no height dilation stacks its ``kH`` rows
 # into one (:func:`stacked_rows`).  LeNet conv2's forward (the bench's pass, best of 5
 # interleaved rounds) at 2 threads: 0.84x the time at batch 64, 0.85x at 256 (1 thread:
-# 0.88x, 0.99x); the LeNet training step at 2 threads 0.94x at either batch.  Wider rows
-# do not gain: ResNet 64@56 (192 wide, one sample per chunk) took 1.06-1.11x.
+# 0.88x, 0.99x); the LeNet training step at 2 threads 0.94x at either batch.  LeNet conv1's
+# thin rows (5 wide) stack too, instead of one GEMM per sample and kernel row: its fwd+bwd
+# at batch 256 0.82x at 2 threads, 0.86x at 1 (at 64: 1.0x, 0.86x), the step at 2 threads
+# 0.96x.  Wider rows do not gain: ResNet 64@56 (192 wide, one sample per chunk) 1.06-1.11x.
 STACKED_ROW_MAX = 64
 # A weight-gradient GEMM whose result has at most this many elements (LeNet's second
 # layer: 16x150) but a long contraction runs on one thread (measured); with more intra-op
@@ -527,8 +529,10 @@ def correlate(
     ``x``: ``(N, C, H, W)``; ``w``: ``(O, C/groups, kH, kW)`` -> ``(N, O, oH, oW)``.
     Either the sum over ``(c, i, j)`` is split by kernel row -- for each ``i`` one batched
     GEMM contracts ``w[:, :, i, :]`` with the input rows that kernel row sees, over the
-    whole chunk or, for thin kernel rows, per sample (:func:`per_sample_rows`) -- or it is
-    one GEMM over full im2col columns (:func:`use_columns` picks).  The padded input and
+    whole chunk or, for thin kernel rows, per sample (:func:`per_sample_rows`) -- or, for
+    narrow kernel rows, the rows are stacked back into one contraction per output row
+    (:func:`stacked_rows`), or it is one GEMM over full im2col columns
+    (:func:`use_columns` picks).  The padded input and
     its buffer are built for a chunk of the batch at a time (:func:`batch_chunks`), so
     they stay within what torch's own kernels keep alive.
     """
@@ -554,7 +558,8 @@ def correlate(
             (n, o, oh, ow),
             x,
         )
-    stacked = not per_sample and stacked_rows(w.shape, dilation, groups)
+    # thin rows too: their forward stacks, their dL/dw stays per sample
+    stacked = stacked_rows(w.shape, dilation, groups)
     if stacked:  # one GEMM per output row, over all kernel rows
         w_rows = w.permute(0, 2, 1, 3).reshape(o, kh * cg * kw)  # w[o, (i, c, j)]
     else:  # the other width-only layouts: one GEMM per kernel row
@@ -562,11 +567,11 @@ def correlate(
 
     def rows_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         xp = _pad(x_part, padding)
-        if per_sample:  # (n, O, oH, oW) directly
-            return _correlate_sample_rows(xp, w_rows, kw, sw, dilation, bias, (oh, ow), out)
         if stacked:
             y = _correlate_stacked_rows(xp, w_rows, kw, stride, dw, bias, (oh, ow))
             return y.view(oh, o, -1, ow).permute(2, 1, 0, 3)  # (n, O, oH, oW)
+        if per_sample:  # (n, O, oH, oW) directly
+            return _correlate_sample_rows(xp, w_rows, kw, sw, dilation, bias, (oh, ow), out)
         y = _correlate_rows(xp, w_rows, kw, stride, dilation, bias, (oh, ow))
         return y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)  # (n, O, oH, oW)
 
@@ -739,9 +744,10 @@ def _correlate_stacked_rows(
 
 
 def per_sample_rows(w_shape: torch.Size, stride: tuple[int, int]) -> bool:
-    """Whether a conv runs per sample (:func:`_correlate_sample_rows`,
-    :func:`conv_weight_grad_sample_rows`): stride 1 down the height and kernel rows
-    thinner than ``THIN_KERNEL_ROW`` (not 1x1: its columns are the input as it is)."""
+    """Whether a conv runs per sample (:func:`conv_weight_grad_sample_rows` and, unless
+    its rows stack (:func:`stacked_rows`), :func:`_correlate_sample_rows`): stride 1 down
+    the height and kernel rows thinner than ``THIN_KERNEL_ROW`` (not 1x1: its columns
+    are the input as it is)."""
     _, cg, kh, kw = w_shape
     return stride[0] == 1 and cg * kw < THIN_KERNEL_ROW and kh * kw > 1
 

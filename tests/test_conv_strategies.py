@@ -42,11 +42,11 @@ LAYOUTS = (
 
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts
 CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
-    "thin rows, per sample (LeNet conv1)": (
+    "thin rows (LeNet conv1): forward stacked, dL/dw per sample": (
         (5, 1, 12, 12),
         (3, 1, 5, 5),
         dict(padding=2),
-        "_correlate_sample_rows",
+        "_correlate_stacked_rows",
         # dL/dx: the literal correlation, whose rotated kernel (3 wide rows of 5) stacks
         {"_correlate_stacked_rows", "conv_weight_grad_sample_rows"},
     ),
@@ -293,7 +293,7 @@ def test_row_buffer_budget_grows_with_threads(
     w = torch.randn(8, 1, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     with intra_op_threads(threads):
         y = H.conv2d(x, w, padding=2)
-        assert spy.count("_correlate_sample_rows") == chunks
+        assert spy.count("_correlate_stacked_rows") == chunks
         upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
         grads = torch.autograd.grad(y, (x, w), upstream)
     y_ref = F.conv2d(x, w, padding=2)
