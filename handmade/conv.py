@@ -531,10 +531,9 @@ def correlate(
     GEMM contracts ``w[:, :, i, :]`` with the input rows that kernel row sees, over the
     whole chunk or, for thin kernel rows, per sample (:func:`per_sample_rows`) -- or, for
     narrow kernel rows, the rows are stacked back into one contraction per output row
-    (:func:`stacked_rows`), or it is one GEMM over full im2col columns
-    (:func:`use_columns` picks).  The padded input and
-    its buffer are built for a chunk of the batch at a time (:func:`batch_chunks`), so
-    they stay within what torch's own kernels keep alive.
+    (:func:`stacked_rows`), or it is one GEMM over full im2col columns (:func:`use_columns`
+    picks).  The padded input and its buffer are built for a chunk of the batch at a time
+    (:func:`batch_chunks`), so they stay within what torch's own kernels keep alive.
     """
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
@@ -735,7 +734,7 @@ def _correlate_stacked_rows(
     o, k = w_flat.shape
     (sh, sw), (oh, ow) = stride, out_hw
     rows = row_windows(xp, kw, dw, sw, ow, order="height")
-    row = rows[0].numel()  # C*kW*n*oW elements per buffer row
+    row = rows.shape[1:].numel()  # C*kW*n*oW elements per buffer row
     windows = rows.as_strided((oh, k, n * ow), (sh * row, n * ow, 1))  # rows p*sH + i
     w_b = w_flat.expand(oh, o, k)
     if bias is None:
