@@ -47,7 +47,7 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (3, 1, 5, 5),
         dict(padding=2),
         "_correlate_stacked_rows",
-        # dL/dx: the literal correlation, whose rotated kernel (3 wide rows of 5) stacks
+        # dL/dx: the literal correlation, whose rotated kernel (rows 3 channels x 5) stacks
         {"_correlate_stacked_rows", "conv_weight_grad_sample_rows"},
     ),
     "thin rows, per sample, groups + dilation + width stride": (
