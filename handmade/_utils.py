@@ -7,13 +7,35 @@ name the problem, so a bad call fails before any tensor work starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
 
 IntOrPair = int | Sequence[int]
+
+
+def tensor_cache(maxsize: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``lru_cache`` for a function of plain values (ints, dtypes, devices) that builds
+    constant tensors -- index tables, transform matrices -- shared by every later call.
+
+    The tensors are built outside inference mode: one first built under
+    :func:`torch.inference_mode` would be an inference tensor, which autograd refuses to
+    save for backward in a later pass that records a graph (a double backward, say).
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args: Any) -> Any:
+            with torch.inference_mode(False):
+                return fn(*args)
+
+        return cached
+
+    return decorate
 
 
 def _pair(value: IntOrPair, name: str, op: str) -> tuple[int, int]:

@@ -24,8 +24,9 @@ Where each is computed:
         the full im2col (:func:`columns`) and one GEMM straight into NCHW
         (:func:`_correlate_columns`).  Kernel rows too thin for a batch-wide GEMM
         (LeNet's first layer): the width-only im2col per sample, one GEMM per sample and
-        kernel row (:func:`_correlate_sample_rows`).  Depthwise kernels: one multiply-add
-        per kernel tap (:func:`depthwise_correlate`).  Wide 3x3 stride-1 convs: Winograd's
+        kernel row (:func:`_correlate_sample_rows`).  Depthwise kernels: each output row
+        a weighted sum of ``kH*kW`` rows of a table of the input's rows, one
+        ``embedding_bag`` (:func:`depthwise_correlate`).  Wide 3x3 stride-1 convs: Winograd's
         minimal filtering F(2x2, 3x3), the same sum with 16 products per 2x2 outputs
         instead of 36 (:func:`winograd_correlate`, picked by :func:`use_winograd`).
     (2) :func:`conv_bias_grad`: one reduction.
@@ -48,7 +49,6 @@ again (double backward); the forward-mode rule uses bilinearity:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -65,6 +65,7 @@ from ._utils import (
     chunk_slices,
     in_bounds_taps,
     legacy_twin,
+    tensor_cache,
     windows,
 )
 
@@ -186,20 +187,71 @@ def depthwise_correlate(
     x: torch.Tensor,
     w: torch.Tensor,
     stride: tuple[int, int],
-    padding: tuple[int, int],
+    padding: Pad4,
     dilation: tuple[int, int],
     out_hw: tuple[int, int],
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (1) for a depthwise kernel (one input channel per output channel).
 
-    With nothing to contract over channels, a GEMM is wasted: the sum over the kernel
-    taps ``(i, j)`` is done as ``kH*kW`` multiply-adds of strided views of the input,
-    each over just the windows that read the tap inside the input (:func:`in_bounds_taps`;
-    ``padding`` = rows/columns of zeros before the input), so no padded copy is made.
+    With nothing to contract over channels, a GEMM is wasted.  Row by row (1) reads::
+
+        y[n,c,p,:] = b[c] + sum_{i,j} w[c,i,j] * T[((n*C + c)*kW + j)*Hp + p*sH + i*dH, :]
+
+    over the table ``T`` of the padded input's rows at each kernel column's shift
+    (:func:`depthwise_table`): a weighted sum of ``kH*kW`` table rows per output row, one
+    :func:`torch.nn.functional.embedding_bag` for a chunk of the batch (the bags of rows
+    :func:`depthwise_bags`, the taps as per-sample weights), as the backward's (4) in
+    :func:`depthwise_grads`.  A table takes ``kW`` times the padded input: chunks of the
+    batch keep it within :func:`row_budget`.  Under forward-mode AD, for which
+    ``embedding_bag`` has no rule, and for integer tensors, which it does not take, one
+    multiply-add per tap instead (:func:`depthwise_correlate_taps`).
     """
+    if not x.is_floating_point():  # (embedding_bag takes floating-point tables only)
+        return depthwise_correlate_taps(x, w, stride, padding, dilation, out_hw, bias)
+    n, c, h, _ = x.shape
+    kh, kw = w.shape[-2:]
+    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
+    hp = h + padding[0] + padding[1]
+    chunks = batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), n * c * oh * ow))
+    m = len(range(n)[chunks[0]])  # samples in the largest chunk
+    bags = depthwise_bags(m, c, (kh, kw), hp, oh, sh, dh, x.device)
+    # the bags' weights: the kernel, w[c, i, j], for every output row (n, c, p)
+    taps = w.reshape(1, c, 1, kh * kw).expand(m, c, oh, kh * kw).reshape(-1, kh * kw)
+    b = None if bias is None else bias.reshape(c, 1, 1)
+
+    def table_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
+        k = x_part.shape[0] * c * oh  # output rows in this chunk
+        table = depthwise_table(x_part, kw, sw, dw, padding, ow)
+        rows = F.embedding_bag(bags[:k], table, mode="sum", per_sample_weights=taps[:k])
+        y = rows.view(-1, c, oh, ow)
+        if out is not None:  # copied into the chunk's slice of the result by over_chunks
+            return y if b is None else y.add_(b)
+        # the whole batch: a tensor of its own, not a view of embedding_bag's result (a
+        # custom Function's output that is a view cannot be modified in place)
+        return y.clone() if b is None else y + b
+
+    try:
+        return over_chunks(table_chunk, chunks, (n, c, oh, ow), x)
+    except NotImplementedError:
+        return depthwise_correlate_taps(x, w, stride, padding, dilation, out_hw, bias)
+
+
+def depthwise_correlate_taps(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    padding: Pad4,
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Formula (1) for a depthwise kernel as ``kH*kW`` multiply-adds of strided views of
+    the input, each over just the windows that read the tap inside the input
+    (:func:`in_bounds_taps`), so no padded copy is made."""
     c, _, kh, kw = w.shape
-    taps = in_bounds_taps(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation, out_hw)
+    top_left = (padding[0], padding[2])
+    taps = in_bounds_taps(tuple(x.shape[-2:]), (kh, kw), stride, top_left, dilation, out_hw)
     w_ij = w.reshape(c, kh, kw, 1, 1)  # w_ij[:, i, j]: one tap, broadcast over the plane
     first = next((t for t in taps if t.full), None)
     if first is None:  # every tap misses some window: start from zeros (or the bias)
@@ -228,6 +280,7 @@ def depthwise_table(
     return row_windows(_pad(x, padding), kw, dw, sw, ow, order="sample").reshape(-1, ow)
 
 
+@tensor_cache(maxsize=16)  # shared by the forward and backward of every call alike
 def depthwise_bags(
     m: int,
     c: int,
@@ -351,7 +404,7 @@ WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
-@functools.cache
+@tensor_cache(maxsize=16)
 def winograd_matrices(
     dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -542,7 +595,7 @@ def correlate(
     oh = (hp - dh * (kh - 1) - 1) // sh + 1
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if depthwise(w.shape, groups):
-        return depthwise_correlate(x, w, stride, (padding[0], padding[2]), dilation, (oh, ow), bias)
+        return depthwise_correlate(x, w, stride, padding, dilation, (oh, ow), bias)
     if use_winograd(w.shape, stride, dilation, groups, (oh, ow), x.dtype):
         return winograd_correlate(x, w, padding, bias)
     per_sample = per_sample_rows(w.shape, stride)

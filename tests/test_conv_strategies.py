@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import handmade.conv as conv
@@ -25,9 +26,9 @@ from parity.checks import compare
 
 # the functions that do a pass's work, one per layout
 LAYOUTS = (
-    "depthwise_correlate",
+    "depthwise_table",  # per chunk, in depthwise_correlate and depthwise_grads
+    "depthwise_correlate_taps",  # the forward under forward-mode AD only
     "depthwise_grads",
-    "depthwise_table",  # per chunk, in depthwise_grads
     "_correlate_sample_rows",
     "_correlate_rows",
     "_correlate_stacked_rows",
@@ -131,21 +132,21 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (5, 4, 7, 9),
         (4, 1, 3, 3),
         dict(groups=4, padding=1),
-        "depthwise_correlate",
+        "depthwise_table",
         {"depthwise_grads", "depthwise_table"},
     ),
     "depthwise, same size, dilated, even kernel width (uneven 'same' padding)": (
         (5, 3, 8, 7),
         (3, 1, 3, 4),
         dict(groups=3, padding="same", dilation=(2, 1)),
-        "depthwise_correlate",
+        "depthwise_table",
         {"depthwise_grads", "depthwise_table"},
     ),
     "depthwise, strided": (
         (5, 3, 9, 9),
         (3, 1, 3, 3),
         dict(groups=3, stride=2, padding=1),
-        "depthwise_correlate",
+        "depthwise_table",
         {"depthwise_grads", "depthwise_table"},
     ),
     "channel multiplier (one input, three outputs per group: not depthwise)": (
@@ -159,19 +160,13 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (5, 4, 8, 9),
         (4, 1, 3, 3),
         dict(groups=4, dilation=(1, 2), padding=(1, 5)),
-        "depthwise_correlate",
+        "depthwise_table",
         {"depthwise_grads", "depthwise_table"},
     ),
 }
 
 # no buffer larger than the input: nothing to split
-UNBUFFERED = {
-    "1x1",
-    "depthwise, same size (the bench's MobileNet geometry)",
-    "depthwise, same size, dilated, even kernel width (uneven 'same' padding)",
-    "depthwise, strided",
-    "depthwise, dilated, padding beyond the full one's (g cropped)",
-}
+UNBUFFERED = {"1x1"}
 
 
 @pytest.fixture
@@ -357,3 +352,57 @@ def test_winograd_float32_within_tolerance() -> None:
     ):
         result = compare(name, actual, expected, exact=False, dtype=torch.float32)
         assert result.ok, result.message
+
+
+def test_depthwise_forward_over_reverse_takes_the_taps(spy: list[str]) -> None:
+    """``embedding_bag`` has no forward-mode rule: a backward run on dual tensors
+    (forward-over-reverse, as in a Hessian-vector product) computes dL/dx of a
+    same-size conv as the literal full convolution, whose depthwise forward falls back to
+    one multiply-add per tap (``depthwise_correlate_taps``) -- with torch's gradient and
+    its tangent."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w, w_t = (torch.randn(3, 1, 3, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    upstream = torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64)
+    kwargs: dict[str, Any] = dict(groups=3, padding=1)  # same size: the literal form
+    outs = {}
+    for name, fn in (("handmade", H.conv2d), ("torch", F.conv2d)):
+        with fwAD.dual_level():
+            y = fn(x, fwAD.make_dual(w, w_t), **kwargs)
+            (dx,) = torch.autograd.grad(y, x, upstream)
+            outs[name] = fwAD.unpack_dual(dx)
+    assert "depthwise_correlate_taps" in spy
+    for part in ("primal", "tangent"):
+        actual, expected = getattr(outs["handmade"], part), getattr(outs["torch"], part)
+        result = compare(f"dx {part}", actual, expected, exact=False)
+        assert result.ok, result.message
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "groups"),
+    [((1, 128, 10, 10), (128, 128, 3, 3), 1), ((2, 8, 10, 10), (8, 1, 3, 3), 8)],
+    ids=["Winograd matrices", "depthwise bags"],
+)
+def test_cached_constants_first_built_in_inference_mode(
+    x_shape: tuple, w_shape: tuple, groups: int
+) -> None:
+    """The cached constant tensors (Winograd's transforms, the depthwise bags of rows) are
+    built outside inference mode even when the first call that needs them runs under
+    :func:`torch.inference_mode`: a later double backward saves them for its graph, which
+    autograd refuses for an inference tensor."""
+    conv.winograd_matrices.cache_clear()
+    conv.depthwise_bags.cache_clear()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
+    with torch.inference_mode():
+        H.conv2d(x, w, padding=1, groups=groups)
+    grads = {}
+    for name, fn in (("handmade", H.conv2d), ("torch", F.conv2d)):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(
+            fn(xg, wg, padding=1, groups=groups).sum(), xg, create_graph=True
+        )
+        grads[name] = torch.autograd.grad(dx.square().sum(), wg)[0]  # (a double backward)
+    result = compare("d(dx^2)/dw", grads["handmade"], grads["torch"], exact=False)
+    assert result.ok, result.message
