@@ -485,7 +485,7 @@ def winograd_correlate(
     def tiles_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         m = x_part.shape[0]
         v = winograd_input_tiles(x_part, padding, (ty, tx))  # B^T d B per tile
-        prod = torch.bmm(u, v).view(16, -1)  # (16, O*m*T): sum over c, per position
+        prod = torch.bmm(u, v.transpose(1, 2)).view(16, -1)  # (16, O*m*T): sum over c
         if bias is None:
             y = torch.mm(at_, prod)
         else:  # A^T (x) A^T's column 5 is all ones: the bias reaches all four outputs
@@ -522,23 +522,28 @@ def winograd_chunks(x: torch.Tensor, out_channels: int, out_hw: tuple[int, int])
 
 
 def winograd_input_tiles(x: torch.Tensor, padding: Pad4, tiles_hw: tuple[int, int]) -> torch.Tensor:
-    """``B^T d B`` for every 4x4 tile ``d`` of the padded input: ``(16, C, n*tH*tW)``.
+    """``B^T d B`` for every 4x4 tile ``d`` of the padded input: ``(16, n*tH*tW, C)``.
 
     Tile ``(p, q)`` is ``xp[n, c, 2p : 2p + 4, 2q : 2q + 4]`` (tiles overlap by 2); the input
     is padded to the tiles' extent, one row/column more than the windows need if the
-    output's size is odd.  One copy out of a strided view, then one GEMM.
+    output's size is odd.  The padded copy is laid out channels-last, ``(n, Hp, Wp, C)``,
+    so that the tiles' copy out of a strided view moves runs of ``C`` contiguous values
+    (in NCHW every value of a tile row is a separate step of 2: ResNet 256@14's tiles took
+    1.2 ms against 0.6, 2 threads); then one GEMM.
     """
     top, _, left, _ = padding
     m, c, h, wd = x.shape
     ty, tx = tiles_hw
-    xp = _pad(x, (top, 2 * ty + 2 - h - top, left, 2 * tx + 2 - wd - left))
+    # (n, Hp, Wp, C), zero-padded (or cropped) to the tiles' extent
+    pad = (0, 0, left, 2 * tx + 2 - wd - left, top, 2 * ty + 2 - h - top)
+    xp = F.pad(x.permute(0, 2, 3, 1), pad)
     s = xp.stride()
-    # d[(a, b), (c, n, p, q)] = xp[n, c, 2p + a, 2q + b]
+    # d[(a, b), (n, p, q, c)] = xp[n, 2p + a, 2q + b, c]
     tiles = xp.as_strided(
-        (4, 4, c, m, ty, tx), (s[2], s[3], s[1], s[0], 2 * s[2], 2 * s[3]), xp.storage_offset()
+        (4, 4, m, ty, tx, c), (s[1], s[2], s[0], 2 * s[1], 2 * s[2], s[3]), xp.storage_offset()
     )
     bt = winograd_matrices(x.dtype, x.device)[0]
-    return torch.mm(bt, tiles.reshape(16, -1)).view(16, c, m * ty * tx)
+    return torch.mm(bt, tiles.reshape(16, -1)).view(16, m * ty * tx, c)
 
 
 def winograd_weight_grad(
@@ -560,11 +565,11 @@ def winograd_weight_grad(
     _, gg, at_ = winograd_matrices(x.dtype, x.device)
     grad_u = g.new_empty(16, o, c)  # dL/d(G w G^T), per transform position
     for k, part in enumerate(winograd_chunks(x, o, (oh, ow))):
-        v = winograd_input_tiles(x[part], padding, (ty, tx))  # (16, C, m*T)
+        v = winograd_input_tiles(x[part], padding, (ty, tx))  # (16, m*T, C)
         g_part = _pad(g[part], (0, 2 * ty - oh, 0, 2 * tx - ow))  # (no-op when even)
         blocks = output_blocks(g_part.contiguous()).reshape(4, -1)
         g_tiles = torch.mm(at_.t(), blocks).view(16, o, -1)  # A dY A^T
-        grad_u.baddbmm_(g_tiles, v.transpose(1, 2), beta=min(k, 1))  # (beta=0: overwrite)
+        grad_u.baddbmm_(g_tiles, v, beta=min(k, 1))  # (beta=0: overwrite)
     return torch.mm(grad_u.view(16, -1).t(), gg).view(w_shape)  # G^T (.) G, per (o, c)
 
 
