@@ -391,7 +391,7 @@ def test_cached_constants_first_built_in_inference_mode(
     :func:`torch.inference_mode`: a later double backward saves them for its graph, which
     autograd refuses for an inference tensor."""
     conv.winograd_matrices.cache_clear()
-    conv.depthwise_bags.cache_clear()
+    conv._cached_depthwise_bags.cache_clear()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
     w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
