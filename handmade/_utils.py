@@ -17,9 +17,13 @@ import torch
 IntOrPair = int | Sequence[int]
 
 
-def tensor_cache(maxsize: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def tensor_cache(
+    maxsize: int, when: Callable[..., bool] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``lru_cache`` for a function of plain values (ints, dtypes, devices) that builds
-    constant tensors -- index tables, transform matrices -- shared by every later call.
+    constant tensors -- index tables, transform matrices -- shared by every later call;
+    with ``when``, only the calls whose arguments it accepts are cached (the others build
+    afresh), e.g. to keep no large tensors alive.
 
     The tensors are built outside inference mode: one first built under
     :func:`torch.inference_mode` would be an inference tensor, which autograd refuses to
@@ -27,13 +31,18 @@ def tensor_cache(maxsize: int) -> Callable[[Callable[..., Any]], Callable[..., A
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @lru_cache(maxsize=maxsize)
-        @functools.wraps(fn)
-        def cached(*args: Any) -> Any:
+        def build(*args: Any) -> Any:
             with torch.inference_mode(False):
                 return fn(*args)
 
-        return cached
+        cached = lru_cache(maxsize=maxsize)(build)
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return cached(*args) if when is None or when(*args) else build(*args)
+
+        call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+        return call
 
     return decorate
 

@@ -284,6 +284,10 @@ def depthwise_table(
     return row_windows(_pad(x, padding), kw, dw, sw, ow, order="sample").reshape(-1, ow)
 
 
+@tensor_cache(
+    maxsize=8,
+    when=lambda m, c, kernel, _hp, oh, *_: m * c * oh * kernel[0] * kernel[1] <= CACHED_BAGS_MAX,
+)
 def depthwise_bags(
     m: int,
     c: int,
@@ -298,21 +302,6 @@ def depthwise_bags(
     ``bags[(n, c, p), (i, j)] = ((n*C + c)*kW + j)*Hp + p*sH + i*dH``; int32 where the
     table's rows allow (half the index traffic: 1-4 % faster here).  Kept for the next
     calls (forward and backward alike) while they take at most ``CACHED_BAGS_MAX`` indices."""
-    small = m * c * oh * kernel[0] * kernel[1] <= CACHED_BAGS_MAX
-    build = _cached_depthwise_bags if small else _depthwise_bags
-    return build(m, c, kernel, hp, oh, sh, dh, device)
-
-
-def _depthwise_bags(
-    m: int,
-    c: int,
-    kernel: tuple[int, int],
-    hp: int,
-    oh: int,
-    sh: int,
-    dh: int,
-    device: torch.device,
-) -> torch.Tensor:
     kh, kw = kernel
     d = dict(device=device, dtype=torch.int32 if m * c * kw * hp < 2**31 else torch.int64)
     plane = torch.arange(m * c, **d).view(-1, 1, 1) * (kw * hp)  # (n, c)
@@ -322,9 +311,6 @@ def _depthwise_bags(
         + torch.arange(0, kw * hp, hp, **d)  # j
     ).view(1, 1, -1)
     return (plane + row + tap).view(-1, kh * kw)
-
-
-_cached_depthwise_bags = tensor_cache(maxsize=8)(_depthwise_bags)
 
 
 def depthwise_grads(

@@ -391,7 +391,7 @@ def test_cached_constants_first_built_in_inference_mode(
     :func:`torch.inference_mode`: a later double backward saves them for its graph, which
     autograd refuses for an inference tensor."""
     conv.winograd_matrices.cache_clear()
-    conv._cached_depthwise_bags.cache_clear()
+    conv.depthwise_bags.cache_clear()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
     w = torch.randn(w_shape, generator=gen, dtype=torch.float64)
@@ -406,3 +406,16 @@ def test_cached_constants_first_built_in_inference_mode(
         grads[name] = torch.autograd.grad(dx.square().sum(), wg)[0]  # (a double backward)
     result = compare("d(dx^2)/dw", grads["handmade"], grads["torch"], exact=False)
     assert result.ok, result.message
+
+
+def test_depthwise_bags_cached_only_while_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bags of rows of a geometry are built once while they take at most
+    ``CACHED_BAGS_MAX`` indices; larger ones are built afresh each call (no large index
+    table kept alive between calls)."""
+    conv.depthwise_bags.cache_clear()
+    monkeypatch.setattr(conv, "CACHED_BAGS_MAX", 2 * 3 * 5 * 9)  # m * C * oH * kH * kW
+    small = (2, 3, (3, 3), 7, 5, 1, 1, torch.device("cpu"))
+    large = (3, 3, (3, 3), 7, 5, 1, 1, torch.device("cpu"))
+    assert conv.depthwise_bags(*small) is conv.depthwise_bags(*small)
+    first, again = conv.depthwise_bags(*large), conv.depthwise_bags(*large)
+    assert first is not again and torch.equal(first, again)
