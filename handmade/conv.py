@@ -32,8 +32,9 @@ Where each is computed:
     (2) :func:`conv_bias_grad`: one reduction.
     (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
         the same buffers: :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
-        :func:`conv_weight_grad_sample_rows`.  Depthwise kernels: (3) and (4) together from
-        one table of ``g``'s rows, (4) as one ``embedding_bag`` (:func:`depthwise_grads`).
+        :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_stacked_rows`.
+        Depthwise kernels: (3) and (4) together from one table of ``g``'s rows, (4) as one
+        ``embedding_bag`` (:func:`depthwise_grads`).
     (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
         call to :func:`correlate`) for size-preserving convs; otherwise the same sum as the
         transpose of the forward's GEMMs, :func:`conv_input_grad_columns` (col2im) or
@@ -95,10 +96,15 @@ THIN_KERNEL_ROW = 8
 # thin rows (5 wide) stack too, instead of one GEMM per sample and kernel row: its fwd+bwd
 # at batch 256 0.82x at 2 threads, 0.86x at 1 (at 64: 1.0x, 0.86x), the step at 2 threads
 # 0.96x.  Wider rows do not gain: ResNet 64@56 (192 wide, one sample per chunk) 1.06-1.11x.
+# The weight gradient of such a conv stacks its rows too (:func:`conv_weight_grad_stacked_rows`,
+# one batched GEMM instead of one per kernel row): LeNet conv2's, best of 3 interleaved
+# rounds, 0.77x the time at batch 64 and 0.76x at 256 at 2 threads (1 thread: 0.66x, 0.72x).
+# (Thin rows keep theirs per sample: stacked, LeNet conv1's took 1.4-2.2x as long.)
 STACKED_ROW_MAX = 64
 # A weight-gradient GEMM whose result has at most this many elements (LeNet's second
-# layer: 16x150) but a long contraction runs on one thread (measured); with more intra-op
-# threads its contraction is split among them (:func:`contraction_parts`).
+# layer: 16x150; the dilated 64@28 conv: 64x192) but a long contraction runs on one thread
+# (measured); with more intra-op threads its contraction is split among them
+# (:func:`contraction_parts`).
 SPLIT_RESULT_MAX = 1 << 14
 # Winograd F(2x2, 3x3) pays off (measured) from this many input and output channels and
 # output pixels per sample: below, its transforms cost more than the products it saves
@@ -721,7 +727,8 @@ def contraction_parts(result_numel: int, groups: int) -> int:
     one thread.  Split into equal pieces, the pieces are the batch of one ``bmm``, whose
     entries run in parallel, and their results are summed at the end
     (:func:`split_contraction`).  LeNet's second layer, weight gradient, 2 threads:
-    0.80-0.87x the time (measured, batch 64 and 256).
+    0.80-0.87x the time (measured, batch 64 and 256; that layer's weight gradient now
+    stacks its kernel rows instead, :func:`conv_weight_grad_stacked_rows`).
     """
     parts = torch.get_num_threads()
     return 1 if groups != 1 or result_numel > SPLIT_RESULT_MAX else parts
@@ -1148,6 +1155,8 @@ def conv_weight_grad(
         return conv_weight_grad_sample_rows(x, g, w_shape, geo)
     if use_columns(x.shape, w_shape, tuple(g.shape[-2:]), geo.stride, geo.padding):
         return conv_weight_grad_columns(x, g, w_shape, geo)
+    if stacked_rows(w_shape, geo.dilation, geo.groups):
+        return conv_weight_grad_stacked_rows(x, g, w_shape, geo)
     return conv_weight_grad_rows(x, g, w_shape, geo)
 
 
@@ -1187,6 +1196,35 @@ def conv_weight_grad_rows(
         .permute(1, 4, 2, 0, 3)  # (g, O/g, C/g, kH, kW)
         .reshape(o, cg, kh, kw)
     )
+
+
+def conv_weight_grad_stacked_rows(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w_shape: torch.Size,
+    geo: ConvGeometry,
+) -> torch.Tensor:
+    """Formula (3) for :func:`stacked_rows` convs, the transpose of
+    :func:`_correlate_stacked_rows`: per output row ``p`` one GEMM of its windows (the
+    overlapping view ``(oH, kH*C*kW, n*oW)`` of the ``"height"`` buffer) with ``g``'s row
+    ``p``, all ``oH`` of them in one batched GEMM, then a sum over ``p``:
+    ``dw[o, (i, c, j)] = sum_p sum_{n,q} windows[p, (i, c, j), (n, q)] * g[n, o, p, q]``.
+    """
+    o, c, kh, kw = w_shape
+    (sh, sw), dw = geo.stride, geo.dilation[1]
+    n, _, h, _ = x.shape
+    _, _, oh, ow = g.shape
+    hp = h + geo.padding[0] + geo.padding[1]
+    k = kh * c * kw
+    dw_flat = None  # dw[(i, c, j), o]
+    for part in batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), g.numel())):
+        rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow, order="height")
+        nq = rows.shape[-2] * ow
+        windows = rows.as_strided((oh, k, nq), (sh * c * kw * nq, nq, 1))  # rows p*sH + i
+        g_rows = g[part].permute(2, 0, 3, 1).reshape(oh, nq, o)  # g[p, (n, q), o]
+        part_sum = torch.bmm(windows, g_rows).sum(0)
+        dw_flat = part_sum if dw_flat is None else dw_flat + part_sum
+    return dw_flat.view(kh, c, kw, o).permute(3, 1, 0, 2).reshape(w_shape)
 
 
 def conv_weight_grad_sample_rows(

@@ -34,6 +34,7 @@ LAYOUTS = (
     "_correlate_stacked_rows",
     "_correlate_columns",
     "conv_weight_grad_sample_rows",
+    "conv_weight_grad_stacked_rows",
     "conv_weight_grad_rows",
     "conv_weight_grad_columns",
     "conv_input_grad_columns",
@@ -63,14 +64,14 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (6, 8, 3, 3),
         dict(padding=1),
         "_correlate_stacked_rows",
-        {"_correlate_stacked_rows", "conv_weight_grad_rows"},
+        {"_correlate_stacked_rows", "conv_weight_grad_stacked_rows"},
     ),
     "stacked kernel rows, shrinking (LeNet conv2)": (
         (5, 6, 14, 14),
         (16, 6, 5, 5),
         {},
         "_correlate_stacked_rows",
-        {"conv_input_grad_scatter", "conv_weight_grad_rows"},
+        {"conv_input_grad_scatter", "conv_weight_grad_stacked_rows"},
     ),
     "width-only rows, wide kernel rows (24 channels x 3: one GEMM per kernel row)": (
         (5, 24, 8, 8),
@@ -305,8 +306,8 @@ def test_weight_grad_contraction_split_among_threads(
 ) -> None:
     """With more than one intra-op thread, a small kernel's weight gradient splits each
     GEMM's contraction in one piece per thread (:func:`handmade.conv.contraction_parts`);
-    where the pieces do not divide a chunk's contraction (3 threads: 500 and 200 output
-    pixels) that chunk's GEMMs run whole.  Either way: torch's gradient."""
+    where the pieces do not divide a chunk's contraction (3 threads: 500 output pixels
+    whole, 200 and 100 per chunk) that chunk's GEMMs run whole.  Either way: torch's gradient."""
     if split:
         monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
         monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
@@ -320,13 +321,13 @@ def test_weight_grad_contraction_split_among_threads(
 
     monkeypatch.setattr(conv, "split_contraction", recorded)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 6, 14, 14, generator=gen, dtype=torch.float64)
-    w = torch.randn(16, 6, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(5, 16, 10, 10, generator=gen, dtype=torch.float64)
+    x = torch.randn(5, 24, 10, 10, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 24, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 6, 10, 10, generator=gen, dtype=torch.float64)
     with intra_op_threads(threads):
-        (dw,) = torch.autograd.grad(H.conv2d(x, w), w, upstream)
+        (dw,) = torch.autograd.grad(H.conv2d(x, w, padding=1), w, upstream)
     assert seen and set(seen) == {pieces}
-    (expected,) = torch.autograd.grad(F.conv2d(x, w), w, upstream)
+    (expected,) = torch.autograd.grad(F.conv2d(x, w, padding=1), w, upstream)
     result = compare("dw", dw, expected, exact=False)
     assert result.ok, result.message
 
