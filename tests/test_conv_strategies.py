@@ -38,6 +38,7 @@ LAYOUTS = (
     "conv_weight_grad_rows",
     "conv_weight_grad_columns",
     "conv_input_grad_columns",
+    "conv_input_grad_stacked_rows",
     "conv_input_grad_scatter",
     "winograd_input_tiles",  # per chunk, for each of winograd_correlate, winograd_weight_grad
 )
@@ -71,7 +72,14 @@ CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (16, 6, 5, 5),
         {},
         "_correlate_stacked_rows",
-        {"conv_input_grad_scatter", "conv_weight_grad_stacked_rows"},
+        {"conv_input_grad_stacked_rows", "conv_weight_grad_stacked_rows"},
+    ),
+    "stacked kernel rows, shrinking, padded, width dilation": (
+        (5, 6, 12, 12),
+        (4, 6, 5, 3),
+        dict(padding=(1, 2), dilation=(1, 2)),
+        "_correlate_stacked_rows",
+        {"conv_input_grad_stacked_rows", "conv_weight_grad_stacked_rows"},
     ),
     "width-only rows, wide kernel rows (24 channels x 3: one GEMM per kernel row)": (
         (5, 24, 8, 8),
