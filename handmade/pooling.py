@@ -45,6 +45,7 @@ from ._utils import (
     in_bounds_taps,
     legacy_twin,
     pool_geometry,
+    tensor_cache,
     windows,
 )
 
@@ -57,6 +58,9 @@ MIN_TAP_BUFFER = 1 << 15
 # An average pool whose windows tile the input spreads its gradient with one strided copy
 # per window tap up to this many taps; larger windows (global pooling) by an expanded view.
 SHARE_COPIES_MAX = 16
+# The window origins of a max pool (:func:`_window_origins`, built on every call: ~10 us)
+# are kept for the next calls while they number at most this many (512 kB of int64).
+CACHED_ORIGINS_MAX = 1 << 16
 
 
 class PoolGeometry(NamedTuple):
@@ -125,10 +129,12 @@ def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, 
     return y, index
 
 
+@tensor_cache(maxsize=64, when=lambda geo, *_: geo.out[0] * geo.out[1] <= CACHED_ORIGINS_MAX)
 def _window_origins(
     geo: PoolGeometry, w: int, device: torch.device, dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
-    """Flat index of window ``(p, q)``'s tap (0, 0): ``(p*sH - pH) * W + (q*sW - pW)``."""
+    """Flat index of window ``(p, q)``'s tap (0, 0): ``(p*sH - pH) * W + (q*sW - pW)``;
+    kept for the next calls (read only) while ``oH*oW <= CACHED_ORIGINS_MAX``."""
     (oh, ow), (sh, sw), (ph, pw) = geo.out, geo.stride, geo.padding
     rows = torch.arange(-ph * w, (oh * sh - ph) * w, sh * w, device=device, dtype=dtype)
     cols = torch.arange(-pw, ow * sw - pw, sw, device=device, dtype=dtype)
@@ -178,6 +184,18 @@ def _tiles(x: torch.Tensor, geo: PoolGeometry) -> bool:
     return exact and tiled and oh * kh <= h and ow * kw <= w
 
 
+@tensor_cache(maxsize=64)
+def _tap_steps(
+    kernel: tuple[int, int], w: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(1, kH*kW - 1)``: between consecutive taps of a window (row-major), the step of
+    their flat offsets ``i*W + j`` (tap 0's is 0)."""
+    kh, kw = kernel
+    offsets = [i * w + j for i in range(kh) for j in range(kw)]
+    steps = [offsets[t + 1] - offsets[t] for t in range(kh * kw - 1)]
+    return torch.tensor([steps], dtype=dtype, device=device)
+
+
 def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """Formula (1) for windows that tile the input: each tap is made one contiguous plane.
 
@@ -201,9 +219,7 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
     y = x.new_empty(m, oh, ow)
     index = torch.empty(m, oh, ow, dtype=torch.int64, device=x.device)
     base = _window_origins(geo, w, x.device, x.dtype)
-    offsets = [i * w + j for i in range(kh) for j in range(kw)]  # (offsets[0] = 0)
-    steps = [offsets[t + 1] - offsets[t] for t in range(k - 1)]
-    steps = torch.tensor([steps], dtype=x.dtype, device=x.device)  # (1, k-1)
+    steps = _tap_steps(geo.kernel, w, x.device, x.dtype)
     # per window the re-laid-out taps take k elements, y and index (the outputs torch
     # allocates too) 1 + 8/itemsize: chunk the planes so the taps stay within 3/4 of those
     itemsize = x.element_size()
