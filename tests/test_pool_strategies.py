@@ -131,6 +131,28 @@ def test_tiled_max_pool_gradient_and_empty_batch() -> None:
     assert y.shape == index.shape == (0, 3, 4, 4)
 
 
+class _DropsGradient(torch.autograd.Function):
+    """Identity whose backward sends no gradient (``None``) to its input."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> None:
+        return None
+
+
+def test_max_pool_backward_without_gradient_for_its_output() -> None:
+    """The max pool does not materialize zero gradients (its indices never get one): when
+    nothing reaches its output either, its backward passes nothing on instead of failing,
+    and the input's other uses still get theirs."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    loss = _DropsGradient.apply(H.max_pool2d(x, 2)).sum() + (2 * x).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.equal(grad, torch.full_like(x, 2.0))
+
+
 # input shape, avg_pool2d kwargs: windows that tile the input (stride >= kernel, no padding)
 TILED_AVG_CASES = {
     "2x2/2 (LeNet)": ((3, 2, 10, 10), dict(kernel_size=2)),
