@@ -98,9 +98,10 @@ THIN_KERNEL_ROW = 8
 # at batch 256 0.82x at 2 threads, 0.86x at 1 (at 64: 1.0x, 0.86x), the step at 2 threads
 # 0.96x.  Wider rows do not gain: ResNet 64@56 (192 wide, one sample per chunk) 1.06-1.11x.
 # The weight gradient of such a conv stacks its rows too (:func:`conv_weight_grad_stacked_rows`,
-# one batched GEMM instead of one per kernel row): LeNet conv2's, best of 3 interleaved
-# rounds, 0.77x the time at batch 64 and 0.76x at 256 at 2 threads (1 thread: 0.66x, 0.72x).
-# (Thin rows keep theirs per sample: stacked, LeNet conv1's took 1.4-2.2x as long.)
+# one batched GEMM instead of one per kernel row): LeNet conv2's, 10th percentile of 60
+# interleaved blocks, 0.67-0.71x the time at batch 64 and 0.83-0.84x at 256 at 2 threads
+# (1 thread: 0.78-0.89x, 0.95-0.98x).  (Thin rows keep theirs per sample: stacked, LeNet
+# conv1's took 1.4-2.2x as long.)
 STACKED_ROW_MAX = 64
 # A weight-gradient GEMM whose result has at most this many elements (LeNet's second
 # layer: 16x150; the dilated 64@28 conv: 64x192) but a long contraction runs on one thread
@@ -997,8 +998,9 @@ def conv_input_grad(
     shrinking one such as LeNet's) or on re-laying out a large kernel, the same sum is
     evaluated as the transpose of the forward GEMMs instead, which uses the kernel as it
     is: :func:`conv_input_grad_columns` (col2im), :func:`conv_input_grad_stacked_rows`
-    (rows stacked as the forward stacks them: LeNet conv2, best of 60 interleaved runs
-    0.84x the time of the row scatter at batch 64, 0.94x at 256, 2 threads) or
+    (rows stacked as the forward stacks them: LeNet conv2, 10th percentile of 60
+    interleaved blocks, 0.84-0.87x the time of the row scatter at batch 64 and 0.89-0.94x
+    at 256 at 2 threads) or
     :func:`conv_input_grad_scatter` (row scatter).  (The backward of a depthwise conv
     takes :func:`depthwise_grads`.)
     """
