@@ -797,6 +797,21 @@ def stacked_rows(w_shape: torch.Size, dilation: tuple[int, int], groups: int) ->
     return groups == 1 and dilation[0] == 1 and kh > 1 and cg * kw < STACKED_ROW_MAX
 
 
+def row_runs(buf: torch.Tensor, count: int, length: int, step: int = 1, first: int = 0):
+    """``count`` overlapping runs of ``length`` consecutive rows of ``buf`` (contiguous,
+    rows along its first dimension, each ``(..., N, W)``), run ``p`` from row
+    ``first + p*step``: one strided view ``(count, length*K, N*W)``, no copy.
+
+    In a row buffer the rows a window reads are consecutive, so a run is one contiguous
+    stretch of memory and each run is a matrix whose contraction runs over
+    ``(row in run, K)`` -- how the stacked-rows forward and both its gradients contract
+    all kernel rows at once (:func:`_correlate_stacked_rows`).
+    """
+    k, nw = buf.shape[1:-2].numel(), buf.shape[-2] * buf.shape[-1]
+    offset = buf.storage_offset() + first * k * nw
+    return buf.as_strided((count, length * k, nw), (step * k * nw, nw, 1), offset)
+
+
 def _correlate_stacked_rows(
     xp: torch.Tensor,
     w_flat: torch.Tensor,
@@ -818,8 +833,8 @@ def _correlate_stacked_rows(
     o, k = w_flat.shape
     (sh, sw), (oh, ow) = stride, out_hw
     rows = row_windows(xp, kw, dw, sw, ow, order="height")
-    row = rows.shape[1:].numel()  # C*kW*n*oW elements per buffer row
-    windows = rows.as_strided((oh, k, n * ow), (sh * row, n * ow, 1))  # rows p*sH + i
+    kh = k // (rows.shape[1] * rows.shape[2])  # k = kH*C*kW
+    windows = row_runs(rows, oh, kh, sh)  # (oH, k, n*oW): rows p*sH + i
     w_b = w_flat.expand(oh, o, k)
     if bias is None:
         return torch.bmm(w_b, windows)
@@ -1098,12 +1113,12 @@ def conv_input_grad_stacked_rows(
     Only the rows the forward's padding does not crop are computed.  Each kernel column
     ``j`` then adds its rows back where it read them, ``v = q*sW + j*dW``.
     """
-    top, _, left, right = geo.padding
+    top, bottom, left, right = geo.padding
     (_, sw), dw = geo.stride, geo.dilation[1]
     n, o, oh, ow = g.shape
     _, c, kh, kw = w.shape
     h, wd = input_hw
-    wp = wd + left + right
+    hp, wp = h + top + bottom, wd + left + right
     # w_stack[(c, j), (r, o)] = w[o, c, kH-1-r, j]: row r of a run is g's row u - (kH-1-r)
     w_stack = w.flip(2).permute(1, 3, 2, 0).reshape(c * kw, kh * o)
 
@@ -1113,15 +1128,13 @@ def conv_input_grad_stacked_rows(
         g_rows.narrow(0, 0, kh - 1).zero_()
         g_rows.narrow(0, kh - 1 + oh, kh - 1).zero_()
         g_rows.narrow(0, kh - 1, oh).copy_(g_part.permute(2, 1, 0, 3))
-        row = o * m * ow
-        runs = g_rows.as_strided((h, kh * o, m * ow), (row, m * ow, 1), top * row)
+        runs = row_runs(g_rows, h, kh, first=top)  # (H, kH*O, m*oW)
         d_rows = torch.bmm(w_stack.expand(h, c * kw, kh * o), runs).view(h, c, kw, m, ow)
         dxp = g_part.new_zeros(h, c, m, wp)
         for j in range(kw):
             dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows.select(2, j))
         return dxp.narrow(3, left, wd).permute(2, 1, 0, 3)  # (n, C, H, W)
 
-    hp = h + geo.padding[0] + geo.padding[1]
     chunks = batch_chunks(n, c * kw * hp * ow, row_budget(n * c * hp * wp, g.numel()))
     return over_chunks(stacked_chunk, chunks, (n, c, h, wd), g)
 
@@ -1279,13 +1292,11 @@ def conv_weight_grad_stacked_rows(
     n, _, h, _ = x.shape
     _, _, oh, ow = g.shape
     hp = h + geo.padding[0] + geo.padding[1]
-    k = kh * c * kw
     dw_flat = None  # dw[(i, c, j), o]
     for part in batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), g.numel())):
         rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow, order="height")
-        nq = rows.shape[-2] * ow
-        windows = rows.as_strided((oh, k, nq), (sh * c * kw * nq, nq, 1))  # rows p*sH + i
-        g_rows = g[part].permute(2, 0, 3, 1).reshape(oh, nq, o)  # g[p, (n, q), o]
+        windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
+        g_rows = g[part].permute(2, 0, 3, 1).reshape(oh, -1, o)  # g[p, (n, q), o]
         part_sum = torch.bmm(windows, g_rows).sum(0)
         dw_flat = part_sum if dw_flat is None else dw_flat + part_sum
     return dw_flat.view(kh, c, kw, o).permute(3, 1, 0, 2).reshape(w_shape)
