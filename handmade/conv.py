@@ -797,7 +797,9 @@ def stacked_rows(w_shape: torch.Size, dilation: tuple[int, int], groups: int) ->
     return groups == 1 and dilation[0] == 1 and kh > 1 and cg * kw < STACKED_ROW_MAX
 
 
-def row_runs(buf: torch.Tensor, count: int, length: int, step: int = 1, first: int = 0):
+def row_runs(
+    buf: torch.Tensor, count: int, length: int, step: int = 1, first: int = 0
+) -> torch.Tensor:
     """``count`` overlapping runs of ``length`` consecutive rows of ``buf`` (contiguous,
     rows along its first dimension, each ``(..., N, W)``), run ``p`` from row
     ``first + p*step``: one strided view ``(count, length*K, N*W)``, no copy.
@@ -1296,7 +1298,7 @@ def conv_weight_grad_stacked_rows(
     for part in batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), g.numel())):
         rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow, order="height")
         windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
-        g_rows = g[part].permute(2, 0, 3, 1).reshape(oh, -1, o)  # g[p, (n, q), o]
+        g_rows = g[part].permute(2, 0, 3, 1).reshape(oh, windows.shape[2], o)  # g[p, (n, q), o]
         part_sum = torch.bmm(windows, g_rows).sum(0)
         dw_flat = part_sum if dw_flat is None else dw_flat + part_sum
     return dw_flat.view(kh, c, kw, o).permute(3, 1, 0, 2).reshape(w_shape)
