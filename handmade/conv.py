@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import _gemm as gemm
 from ._utils import (
     _pair,
     apply_function,
@@ -393,7 +394,7 @@ def depthwise_grads(
             runs = table.view(-1, c, kw, hp, wd)
             x_rows = x[part].reshape(k, 1, h * wd)
             per_plane = torch.stack(
-                [torch.bmm(x_rows, sample_kernel_row(runs, c, i, dh, h).mT) for i in range(kh)]
+                [gemm.bmm(x_rows, sample_kernel_row(runs, c, i, dh, h).mT) for i in range(kh)]
             )  # (kH, n*C, 1, kW): [i, (n, c), 0, j]
             part_sum = per_plane.view(kh, -1, c, kw).sum(1)
             w_grad_rotated = part_sum if w_grad_rotated is None else w_grad_rotated + part_sum
@@ -501,7 +502,7 @@ def winograd_correlate(
     oh, ow = h + top + bottom - 2, wd + left + right - 2
     ty, tx = winograd_tiles_hw((oh, ow))
     gg, at_ = winograd_matrices(x.dtype, x.device)[1:]
-    u = torch.mm(gg.flip(1) if rotated else gg, w.reshape(-1, 9).t())  # G w G^T per kernel
+    u = gemm.mm(gg.flip(1) if rotated else gg, w.reshape(-1, 9).t())  # G w G^T per kernel
     u = u.view(16, w.shape[0], w.shape[1])
     u = u.transpose(1, 2) if rotated else u  # (16, out channels, in channels)
     o = u.shape[1]
@@ -510,12 +511,12 @@ def winograd_correlate(
     def tiles_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         m = x_part.shape[0]
         v = winograd_input_tiles(x_part, padding, (ty, tx))  # B^T d B per tile
-        prod = torch.bmm(u, v.transpose(1, 2)).view(16, -1)  # (16, O*m*T): sum over c
+        prod = gemm.bmm(u, v.transpose(1, 2)).view(16, -1)  # (16, O*m*T): sum over c
         if bias is None:
-            y = torch.mm(at_, prod)
+            y = gemm.mm(at_, prod)
         else:  # A^T (x) A^T's column 5 is all ones: the bias reaches all four outputs
             b = bias.reshape(o, 1).expand(o, m * ty * tx).reshape(1, -1)
-            y = torch.addmm(b, at_, prod)
+            y = gemm.addmm(b, at_, prod)
         full = out if out is not None and even else x.new_empty(m, o, 2 * ty, 2 * tx)
         output_blocks(full).copy_(y.view(2, 2, o, m, ty, tx))
         return full if even else full[:, :, :oh, :ow]
@@ -568,7 +569,7 @@ def winograd_input_tiles(x: torch.Tensor, padding: Pad4, tiles_hw: tuple[int, in
         (4, 4, m, ty, tx, c), (s[1], s[2], s[0], 2 * s[1], 2 * s[2], s[3]), xp.storage_offset()
     )
     bt = winograd_matrices(x.dtype, x.device)[0]
-    return torch.mm(bt, tiles.reshape(16, -1)).view(16, m * ty * tx, c)
+    return gemm.mm(bt, tiles.reshape(16, -1)).view(16, m * ty * tx, c)
 
 
 def winograd_weight_grad(
@@ -593,9 +594,9 @@ def winograd_weight_grad(
         v = winograd_input_tiles(x[part], padding, (ty, tx))  # (16, m*T, C)
         g_part = _pad(g[part], (0, 2 * ty - oh, 0, 2 * tx - ow))  # (no-op when even)
         blocks = output_blocks(g_part.contiguous()).reshape(4, -1)
-        g_tiles = torch.mm(at_.t(), blocks).view(16, o, -1)  # A dY A^T
-        grad_u.baddbmm_(g_tiles, v, beta=min(k, 1))  # (beta=0: overwrite)
-    return torch.mm(grad_u.view(16, -1).t(), gg).view(w_shape)  # G^T (.) G, per (o, c)
+        g_tiles = gemm.mm(at_.t(), blocks).view(16, o, -1)  # A dY A^T
+        gemm.baddbmm_(grad_u, g_tiles, v, beta=min(k, 1))  # (beta=0: overwrite)
+    return gemm.mm(grad_u.view(16, -1).t(), gg).view(w_shape)  # G^T (.) G, per (o, c)
 
 
 def correlate(
@@ -626,6 +627,8 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if depthwise(w.shape, groups):
         return depthwise_correlate(x, w, stride, padding, dilation, (oh, ow), bias)
+    if use_phase_rows(w.shape, groups, x, w):
+        return _correlate_phase_rows(x, w, stride, padding, dilation, bias, (oh, ow))
     if use_winograd(w.shape, stride, dilation, groups, (oh, ow), x.dtype):
         return winograd_correlate(x, w, padding, bias)
     per_sample = per_sample_rows(w.shape, stride)
@@ -780,12 +783,12 @@ def _correlate_rows(
     for i in range(kh):
         m_i = kernel_row(rows, groups, i, dh, sh, oh)  # (g, C/g*kW, oH*n*oW), a view
         if y is not None:
-            y = y.baddbmm_(w_rows[i], m_i)  # y += w_i @ m_i
+            y = gemm.baddbmm_(y, w_rows[i], m_i)  # y += w_i @ m_i
         elif bias is None:
-            y = torch.bmm(w_rows[i], m_i)
+            y = gemm.bmm(w_rows[i], m_i)
         else:  # a fresh accumulator starting from the bias
             b = bias.reshape(groups, og, 1).expand(groups, og, oh * n * ow)
-            y = torch.baddbmm(b, w_rows[i], m_i)
+            y = gemm.baddbmm(b, w_rows[i], m_i)
     return y
 
 
@@ -839,8 +842,123 @@ def _correlate_stacked_rows(
     windows = row_runs(rows, oh, kh, sh)  # (oH, k, n*oW): rows p*sH + i
     w_b = w_flat.expand(oh, o, k)
     if bias is None:
-        return torch.bmm(w_b, windows)
-    return torch.baddbmm(bias.reshape(1, o, 1).expand(oh, o, n * ow), w_b, windows)
+        return gemm.bmm(w_b, windows)
+    return gemm.baddbmm(bias.reshape(1, o, 1).expand(oh, o, n * ow), w_b, windows)
+
+
+def use_phase_rows(w_shape: torch.Size, groups: int, *operands: torch.Tensor) -> bool:
+    """Whether a conv takes the channels-last row buffer (:func:`phase_rows`): an ungrouped
+    kernel of more than one tap with rows at least ``STACKED_ROW_MAX`` wide (``C*kW``:
+    ResNet's, the dilated one's), where oneDNN multiplies the ``operands``
+    (:func:`_gemm.onednn_ready`): its
+    GEMMs need every operand dense, which the NCHW buffers' per-kernel-row views are not.
+    At 2 threads, forward against the NCHW row GEMMs or Winograd (10th percentile of
+    interleaved blocks, batch 4): ResNet 64@56 0.72x the time, 128@28 0.71x, 256@14 0.70x,
+    256@7 0.84x, the dilated 64@28 0.37x."""
+    _, cg, kh, kw = w_shape
+    wide = groups == 1 and kh * kw > 1 and cg * kw >= STACKED_ROW_MAX
+    return wide and gemm.onednn_ready(*operands)
+
+
+def phase_rows(
+    x: torch.Tensor,
+    padding: Pad4,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """The width-only im2col, channels-last and split by row phase: ``(sH, R, n, oW, kW*C)``.
+
+    ``buf[f, r, n, q, (j, c)] = x_p[n, c, r*sH + f, q*sW + j*dW]``, one copy out of a strided
+    view of a channels-last padded copy of ``x``.  Kernel row ``i`` reads padded rows
+    ``p*sH + i*dH``: phase ``f = i*dH mod sH``, rows ``r = i*dH div sH + p`` -- ``oH``
+    consecutive rows of one phase, so its operand is the contiguous matrix
+    ``(oH*n*oW, kW*C)`` (:func:`phase_kernel_row`).  ``R`` rows per phase reach the last
+    kernel row; the padded copy is cut (or zero-extended) to ``sH*R`` rows to match.
+    """
+    n, c, h, wd = x.shape
+    kh, kw = kernel
+    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
+    r = (kh - 1) * dh // sh + oh
+    top, _, left, right = padding
+    # (n, sH*R, Wp, C): F.pad keeps the permuted order, so this is a channels-last copy
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, left, right, top, sh * r - h - top)).contiguous()
+    st = xp.stride()
+    size = (sh, r, n, ow, kw, c)
+    strides = (st[1], sh * st[1], st[0], sw * st[2], dw * st[2], st[3])
+    return xp.as_strided(size, strides, xp.storage_offset()).reshape(sh, r, n * ow, kw * c)
+
+
+def phase_kernel_row(buf: torch.Tensor, i: int, dh: int, oh: int) -> torch.Tensor:
+    """Kernel row ``i``'s operand in a :func:`phase_rows` buffer: ``(oH*n*oW, kW*C)``, a
+    contiguous view."""
+    sh = buf.shape[0]
+    first = i * dh // sh
+    return buf[i * dh % sh, first : first + oh].reshape(-1, buf.shape[-1])
+
+
+def phase_weight_rows(w: torch.Tensor) -> torch.Tensor:
+    """The kernel as :func:`phase_rows` GEMM operands: ``(kH, O, kW*C)``,
+    ``out[i, o, (j, c)] = w[o, c, i, j]`` (one copy)."""
+    o, c, kh, kw = w.shape
+    return w.permute(2, 0, 3, 1).reshape(kh, o, kw * c)
+
+
+def _correlate_phase_rows(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    padding: Pad4,
+    dilation: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Formula (1) on the channels-last row buffer (:func:`use_phase_rows`): per kernel row
+    ``i`` one GEMM ``phase_kernel_row(i) @ w[:, :, i, :]^T`` (rows ``(p, n, q)``, columns
+    ``o``), each adding the last one's result in the product (oneDNN's fused add), the bias
+    in the first; then one permute to NCHW.  A chunk of the batch at a time, its buffer
+    within :func:`row_budget`."""
+    n, c = x.shape[:2]
+    o, _, kh, kw = w.shape
+    (dh, _), (oh, ow) = dilation, out_hw
+    w_rows = phase_weight_rows(w)
+
+    def phase_chunk(_out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
+        buf = phase_rows(x_part, padding, (kh, kw), stride, dilation, out_hw)
+        y = None
+        for i in range(kh):
+            m_i = phase_kernel_row(buf, i, dh, oh)
+            y = gemm.linear(m_i, w_rows[i], bias if i == 0 else None, add=y)
+        return y.view(oh, -1, ow, o).permute(1, 3, 0, 2)  # (n, O, oH, oW)
+
+    per_sample = stride[0] * ((kh - 1) * dilation[0] // stride[0] + oh) * ow * kw * c
+    chunks = batch_chunks(n, per_sample, row_budget(x.numel(), n * o * oh * ow))
+    return over_chunks(phase_chunk, chunks, (n, o, oh, ow), x)
+
+
+def conv_weight_grad_phase_rows(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w_shape: torch.Size,
+    geo: ConvGeometry,
+) -> torch.Tensor:
+    """Formula (3) on the channels-last row buffer, the transpose of
+    :func:`_correlate_phase_rows`: ``dw[:, :, i, :] = g @ phase_kernel_row(i)`` with ``g``
+    as ``(O, oH*n*oW)``, contracting over every output pixel of a chunk of the batch."""
+    o, c, kh, kw = w_shape
+    n = x.shape[0]
+    _, _, oh, ow = g.shape
+    dh = geo.dilation[0]
+    per_sample = geo.stride[0] * ((kh - 1) * dh // geo.stride[0] + oh) * ow * kw * c
+    dw_rows = [None] * kh  # dw_rows[i][o, (j, c)] = dw[o, c, i, j]
+    for part in batch_chunks(n, per_sample, row_budget(x.numel(), g.numel())):
+        buf = phase_rows(x[part], geo.padding, (kh, kw), geo.stride, geo.dilation, (oh, ow))
+        g_rows = gradient_rows(g[part], 1)[0]  # g[o, (p, n, q)]
+        for i in range(kh):
+            m_i = phase_kernel_row(buf, i, dh, oh)
+            dw_rows[i] = gemm.linear(g_rows, m_i.mT, add=dw_rows[i])
+    return torch.stack(dw_rows).view(kh, o, kw, c).permute(1, 3, 0, 2).reshape(w_shape)
 
 
 def per_sample_rows(w_shape: torch.Size, stride: tuple[int, int]) -> bool:
@@ -880,7 +998,7 @@ def _correlate_sample_rows(
     for i in range(kh):
         m_i = sample_kernel_row(rows, groups, i, dh, oh)  # (n*g, C/g*kW, oH*oW), a view
         # y += w_i @ m_i (beta=0 first without a bias: the empty memory is ignored)
-        y.baddbmm_(_per_sample(w_rows[i], n), m_i, beta=0 if i == 0 and bias is None else 1)
+        gemm.baddbmm_(y, _per_sample(w_rows[i], n), m_i, beta=0 if i == 0 and bias is None else 1)
     return out
 
 
@@ -964,9 +1082,9 @@ def _correlate_columns(
     if oh * ow < PER_SAMPLE_COLUMNS and not free_view:
         cols = columns(xp, (kh, kw), stride, dilation, (oh, ow), groups, batch_inner=True)
         if b is None:
-            y = torch.bmm(w_g, cols)
+            y = gemm.bmm(w_g, cols)
         else:
-            y = torch.baddbmm(b.expand(-1, -1, cols.shape[-1]), w_g, cols)
+            y = gemm.baddbmm(b.expand(-1, -1, cols.shape[-1]), w_g, cols)
         return y.view(o, n, oh, ow).transpose(0, 1)  # (made contiguous by over_chunks)
     cols = columns(xp, (kh, kw), stride, dilation, (oh, ow), groups)
     cols = cols.reshape(n * groups, -1, oh * ow)  # (vmap has no rule for flatten)
@@ -974,7 +1092,7 @@ def _correlate_columns(
         out = xp.new_empty(n, o, oh, ow)
     y = out.view(n * groups, o // groups, oh * ow)
     if b is None:
-        y.baddbmm_(_per_sample(w_g, n), cols, beta=0)  # (beta=0: the empty memory is ignored)
+        gemm.baddbmm_(y, _per_sample(w_g, n), cols, beta=0)  # (beta=0: the empty memory is ignored)
     else:
         y.copy_(_per_sample(b.expand(-1, -1, oh * ow), n)).baddbmm_(_per_sample(w_g, n), cols)
     return out
@@ -1027,13 +1145,15 @@ def conv_input_grad(
     _, cg, kh, kw = w.shape
     h, wd = input_hw
     same_size = (sh, sw) == (1, 1) and (oh, ow) == (h, wd)
-    if same_size and use_winograd(w.shape, geo.stride, geo.dilation, groups, (h, wd), g.dtype):
+    phase = same_size and use_phase_rows(w.shape, groups, g, w)  # (the literal form's forward)
+    winograd = use_winograd(w.shape, geo.stride, geo.dilation, groups, (h, wd), g.dtype)
+    if same_size and not phase and winograd:
         pad4 = (2 - top, 2 - bottom, 2 - left, 2 - right)  # "full" padding d*(k-1), cropped
         return winograd_correlate(g, w, pad4, rotated=True)
     # the literal form re-lays out the kernel (a slow strided copy, weighted by its
     # measured ~2.5x): worth it when the kernel is small next to the activations
     small_kernel = 2.5 * w.numel() <= n * cg * groups * h * wd
-    if not same_size or not small_kernel:
+    if not phase and (not same_size or not small_kernel):
         if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
             return conv_input_grad_columns(g, w, input_hw, geo)
         if sh == 1 and stacked_rows(w.shape, geo.dilation, groups):
@@ -1074,11 +1194,11 @@ def conv_input_grad_columns(
         free_view = kh * kw == 1 and (hp, wp) == (oh, ow)  # a 1x1 kernel read every pixel once
         if oh * ow < PER_SAMPLE_COLUMNS and not free_view:  # as the forward: one GEMM
             g_rows = g_part.reshape(m, groups, o // groups, oh * ow).permute(1, 2, 0, 3)
-            dcols = torch.bmm(w_t, g_rows.reshape(groups, o // groups, m * oh * ow))
+            dcols = gemm.bmm(w_t, g_rows.reshape(groups, o // groups, m * oh * ow))
             dcols = dcols.view(c, kh, kw, m, oh, ow).permute(3, 0, 1, 2, 4, 5)
         else:
             g_rows = g_part.reshape(m * groups, o // groups, oh * ow)
-            dcols = torch.bmm(_per_sample(w_t, m), g_rows).view(m, c, kh, kw, oh, ow)
+            dcols = gemm.bmm(_per_sample(w_t, m), g_rows).view(m, c, kh, kw, oh, ow)
         if free_view:
             dxp = dcols.view(m, c, hp, wp)
         else:  # (unpadded, a chunk's slice of the result is the buffer: over_chunks)
@@ -1131,7 +1251,7 @@ def conv_input_grad_stacked_rows(
         g_rows.narrow(0, kh - 1 + oh, kh - 1).zero_()
         g_rows.narrow(0, kh - 1, oh).copy_(g_part.permute(2, 1, 0, 3))
         runs = row_runs(g_rows, h, kh, first=top)  # (H, kH*O, m*oW)
-        d_rows = torch.bmm(w_stack.expand(h, c * kw, kh * o), runs).view(h, c, kw, m, ow)
+        d_rows = gemm.bmm(w_stack.expand(h, c * kw, kh * o), runs).view(h, c, kw, m, ow)
         dxp = g_part.new_zeros(h, c, m, wp)
         for j in range(kw):
             dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows.select(2, j))
@@ -1193,9 +1313,9 @@ def _scatter_rows(
             # the rows kernel row i read are contiguous: accumulate the GEMM there
             d_at = d_rows if oh == hp else d_rows[:, :, i * dh : i * dh + oh]  # (vmap: no alias)
             d_at = d_at.view(groups, cg * kw, oh * n * ow)
-            d_at.baddbmm_(w_i, g_rows)  # += w_i^T @ g
+            gemm.baddbmm_(d_at, w_i, g_rows)  # += w_i^T @ g
         else:
-            d_i = torch.bmm(w_i, g_rows).reshape(groups, cg * kw, oh, n * ow)
+            d_i = gemm.bmm(w_i, g_rows).reshape(groups, cg * kw, oh, n * ow)
             d_rows = _add_at(d_rows, 2, i * dh, oh, sh, d_i)
     d_rows = d_rows.reshape(groups * cg, kw, hp, n, ow)
     # the width scatter in the buffer's own (C, Hp, n, .) layout, whose adds read contiguous
@@ -1228,6 +1348,8 @@ def conv_weight_grad(
     layout the forward uses for this shape: :func:`winograd_weight_grad`,
     :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_columns` or
     :func:`conv_weight_grad_rows`."""
+    if use_phase_rows(w_shape, geo.groups, x, g):
+        return conv_weight_grad_phase_rows(x, g, w_shape, geo)
     if use_winograd(w_shape, geo.stride, geo.dilation, geo.groups, tuple(g.shape[-2:]), x.dtype):
         return winograd_weight_grad(x, g, w_shape, geo.padding)
     if per_sample_rows(w_shape, geo.stride):
@@ -1267,7 +1389,7 @@ def conv_weight_grad_rows(
         for i in range(kh):
             m_i, g_i = split_contraction(kernel_row(rows, groups, i, dh, sh, oh), g_cols, parts)
             acc = dw_rows[i] if len(m_i) == dw_rows.shape[1] else dw_rows[i, :1]  # (unsplit)
-            acc.baddbmm_(m_i, g_i)
+            gemm.baddbmm_(acc, m_i, g_i)
     if parts > 1:
         dw_rows = dw_rows.sum(1, keepdim=True)
     return (
@@ -1299,7 +1421,7 @@ def conv_weight_grad_stacked_rows(
         rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow, order="height")
         windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
         g_rows = g[part].permute(2, 0, 3, 1).reshape(oh, windows.shape[2], o)  # g[p, (n, q), o]
-        part_sum = torch.bmm(windows, g_rows).sum(0)
+        part_sum = gemm.bmm(windows, g_rows).sum(0)
         dw_flat = part_sum if dw_flat is None else dw_flat + part_sum
     return dw_flat.view(kh, c, kw, o).permute(3, 1, 0, 2).reshape(w_shape)
 
@@ -1325,7 +1447,7 @@ def conv_weight_grad_sample_rows(
         g_part = g[part].reshape(m * groups, o // groups, oh * ow)
         per_sample = torch.stack(
             [
-                torch.bmm(g_part, sample_kernel_row(rows, groups, i, dh, oh).transpose(1, 2))
+                gemm.bmm(g_part, sample_kernel_row(rows, groups, i, dh, oh).transpose(1, 2))
                 for i in range(kh)
             ]
         )  # (kH, m*g, O/g, C/g*kW)
@@ -1359,7 +1481,7 @@ def conv_weight_grad_columns(
     if as_is and n * o * cg <= x.numel():
         g_s = g.reshape(n * groups, o // groups, oh * ow)
         x_s = x.reshape(n * groups, cg, h * wd)
-        per_sample = torch.bmm(g_s, x_s.transpose(1, 2))  # (n*g, O/g, C/g)
+        per_sample = gemm.bmm(g_s, x_s.transpose(1, 2))  # (n*g, O/g, C/g)
         return per_sample.view(n, o, cg).sum(0).view(w_shape)
     dw = g.new_empty(groups, o // groups, cg * kh * kw)
     budget = column_budget(x.numel(), g.numel(), o * cg * kh * kw)
@@ -1368,7 +1490,7 @@ def conv_weight_grad_columns(
         cols = columns(xp, (kh, kw), geo.stride, geo.dilation, (oh, ow), groups, batch_inner=True)
         g_rows = g[part].reshape(-1, groups, o // groups, oh * ow).permute(1, 2, 0, 3)
         g_rows = g_rows.reshape(groups, o // groups, -1)  # (g, O/g, n*oH*oW)
-        dw.baddbmm_(g_rows, cols.transpose(1, 2), beta=min(k, 1))  # (beta=0: overwrite)
+        gemm.baddbmm_(dw, g_rows, cols.transpose(1, 2), beta=min(k, 1))  # (beta=0: overwrite)
     return dw.view(w_shape)
 
 

@@ -1,0 +1,154 @@
+"""The matrix products the conv GEMMs run on: torch's ``mm`` / ``bmm``, or the same product
+from oneDNN's matrix multiply where that is the faster library.
+
+Which library multiplies two matrices does not change the math: every function here is
+a plain matrix product with torch's semantics (:func:`torch.bmm`, :func:`torch.baddbmm`,
+:func:`torch.mm`, :func:`torch.addmm`).  On the CPU, torch's own ``mm``/``bmm`` call MKL's
+sgemm, which on AMD processors runs its AVX2 code: on this project's 2-core AMD EPYC
+(Zen 5) machines it reached 150-225 GFLOPS where oneDNN's matrix multiply -- shipped with
+torch, which runs its own CPU kernels on oneDNN -- reached 380-500 (2 threads, products
+of ResNet's and LeNet's im2col shapes; 0.41-0.58x the time).  So a float32 CPU product
+large enough to gain (``ONEDNN_MIN_MACS``) goes to oneDNN's inner product,
+``torch.ops.mkldnn._linear_pointwise(X, W) = X @ W^T``, which reads ``W`` in the strides
+it has (a transposed view needs no copy).  Only that GEMM is used: no oneDNN convolution
+or pooling (the purity test logs every dispatched op and allows exactly this one).
+
+torch's own product runs instead wherever oneDNN's cannot stand in: other dtypes and
+devices; while autograd records (a double backward differentiates these products, and
+the oneDNN op has no derivative); under forward-mode AD and ``functorch`` transforms
+(``vmap``), which it has no rules for; tensor subclasses; and where oneDNN is disabled
+(``torch.backends.mkldnn.flags(enabled=False)``) or unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd import forward_ad
+
+__all__ = ["addmm", "baddbmm", "baddbmm_", "bmm", "linear", "mm", "onednn_gemm", "onednn_ready"]
+
+# Products of fewer multiply-adds than this stay on torch's ``bmm``: below it oneDNN's
+# per-call cost eats the faster kernel (measured at 2 threads: a 16x150x640 product 0.95x
+# the time, ten of them in a batch 1.21x; a 6x25x50176 one 0.41x).
+ONEDNN_MIN_MACS = 1 << 21
+
+
+@functools.cache
+def _onednn_available() -> bool:
+    """Whether torch ships oneDNN's linear op and it agrees with ``torch.mm`` on a probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+        a = torch.arange(6.0).view(2, 3)
+        b = torch.arange(12.0).view(3, 4)
+        with torch.inference_mode(False), torch.no_grad():
+            return bool(torch.equal(linear(a, b.t(), None, "none", [None], ""), a @ b))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def onednn_ready(*tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors may go to oneDNN at all: float32 on the CPU, and
+    nothing that needs torch's own op (autograd recording, forward-mode AD, ``functorch``
+    transforms, tensor subclasses, oneDNN disabled)."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or type(t) is not torch.Tensor:
+            return False  # (subclasses -- FakeTensor under torch.compile -- dispatch themselves)
+        if (torch.is_grad_enabled() and t.requires_grad) or _wrapped(t):
+            return False
+    if forward_ad._current_level >= 0:
+        return False
+    return torch._C._get_mkldnn_enabled() and _onednn_available()
+
+
+def onednn_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a @ b`` (each a matrix or a batch of them) goes to oneDNN:
+    ``ONEDNN_MIN_MACS`` or more per matrix, and :func:`onednn_ready`."""
+    if a.shape[-2] * a.shape[-1] * b.shape[-1] < ONEDNN_MIN_MACS:
+        return False
+    return onednn_ready(a, b)
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """A ``functorch`` (``vmap``, ``grad``, ...) wrapper tensor."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for matrices by oneDNN's ``X @ W^T``: ``X = a``, ``W = b^T`` (read as it
+    is when dense: :func:`_plain`); when ``a`` is not row-major but
+    ``b^T`` is, the transposed product ``(b^T @ a^T)^T`` instead, so no operand is copied."""
+    linear = torch.ops.mkldnn._linear_pointwise
+    if not a.is_contiguous() and b.mT.is_contiguous():
+        return linear(b.mT, _plain(a), None, "none", [None], "").mT
+    return linear(a, _plain(b.mT), None, "none", [None], "")
+
+
+def _plain(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as oneDNN's fast kernels read a matrix in place: dense, row- or column-major;
+    else a contiguous copy.  (Given a leading dimension longer than the matrix -- a view
+    of every other row, say -- oneDNN falls back to its reference kernel: a 64x192x3136
+    product took 430 ms instead of 1.)"""
+    return w if w.is_contiguous() or w.mT.is_contiguous() else w.contiguous()
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`torch.mm`: ``(M, K) @ (K, N)``."""
+    return _product(a, b).contiguous() if onednn_gemm(a, b) else torch.mm(a, b)
+
+
+def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`torch.addmm`: ``c + a @ b`` (``c`` broadcast to ``(M, N)``)."""
+    return _product(a, b) + c if onednn_gemm(a, b) else torch.addmm(c, a, b)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`torch.bmm`: ``(B, M, K) @ (B, K, N)``, a contiguous ``(B, M, N)``."""
+    if not onednn_gemm(a, b):
+        return torch.bmm(a, b)
+    out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+    for i in range(a.shape[0]):
+        out[i] = _product(a[i], b[i])
+    return out
+
+
+def baddbmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`torch.baddbmm`: ``c + a @ b`` (``c`` broadcast to ``(B, M, N)``)."""
+    if not onednn_gemm(a, b):
+        return torch.baddbmm(c, a, b)
+    return bmm(a, b).add_(c)
+
+
+def baddbmm_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: int = 1) -> torch.Tensor:
+    """:meth:`torch.Tensor.baddbmm_`: ``y = beta*y + a @ b`` in place, ``beta`` 0 or 1
+    (0: ``y``'s old values are ignored, as torch does, NaN or not)."""
+    if not onednn_gemm(a, b):
+        return y.baddbmm_(a, b, beta=beta)
+    for i in range(a.shape[0]):
+        if beta:
+            y[i].add_(_product(a[i], b[i]))
+        else:
+            y[i].copy_(_product(a[i], b[i]))
+    return y
+
+
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ w^T + bias + add``, a new contiguous ``(M, N)``, as
+    :func:`torch.nn.functional.linear` (plus ``add``): ``x`` ``(M, K)``, ``w`` ``(N, K)``,
+    ``bias`` ``(N,)`` and ``add`` ``(M, N)`` optional.  On oneDNN (:func:`onednn_ready`;
+    any size: the callers' products are large) ``add`` is fused into the product."""
+    if not onednn_ready(x, w):
+        y = torch.nn.functional.linear(x, w, bias)
+        return y if add is None else y.add_(add)
+    x, w = x.contiguous(), _plain(w)
+    if add is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [None], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, add.contiguous(), w, bias, "add")
