@@ -847,17 +847,20 @@ def _correlate_stacked_rows(
 
 
 def use_phase_rows(w_shape: torch.Size, groups: int, *operands: torch.Tensor) -> bool:
-    """Whether a conv takes the channels-last row buffer (:func:`phase_rows`): an ungrouped
-    kernel of more than one tap with rows at least ``STACKED_ROW_MAX`` wide (``C*kW``:
-    ResNet's, the dilated one's), where oneDNN multiplies the ``operands``
-    (:func:`_gemm.onednn_ready`): its
-    GEMMs need every operand dense, which the NCHW buffers' per-kernel-row views are not.
-    At 2 threads, forward against the NCHW row GEMMs or Winograd (10th percentile of
-    interleaved blocks, batch 4): ResNet 64@56 0.72x the time, 128@28 0.71x, 256@14 0.70x,
-    256@7 0.84x, the dilated 64@28 0.37x."""
+    """Whether a conv takes the channels-last row buffer (:func:`phase_rows`): kernel rows
+    wide enough (:func:`wide_rows`) where oneDNN multiplies the ``operands``
+    (:func:`_gemm.onednn_ready`), whose GEMMs need every operand dense -- which the NCHW
+    buffers' per-kernel-row views are not.  At 2 threads, forward against the NCHW row
+    GEMMs or Winograd (10th percentile of interleaved blocks, batch 4): ResNet 64@56 0.72x
+    the time, 128@28 0.71x, 256@14 0.70x, 256@7 0.84x, the dilated 64@28 0.37x."""
+    return wide_rows(w_shape, groups) and gemm.onednn_ready(*operands)
+
+
+def wide_rows(w_shape: torch.Size, groups: int) -> bool:
+    """An ungrouped kernel of more than one tap whose rows are at least ``STACKED_ROW_MAX``
+    wide (``C*kW``: ResNet's 3x3 convs, the dilated one)."""
     _, cg, kh, kw = w_shape
-    wide = groups == 1 and kh * kw > 1 and cg * kw >= STACKED_ROW_MAX
-    return wide and gemm.onednn_ready(*operands)
+    return groups == 1 and kh * kw > 1 and cg * kw >= STACKED_ROW_MAX
 
 
 def phase_rows(
@@ -1145,7 +1148,8 @@ def conv_input_grad(
     _, cg, kh, kw = w.shape
     h, wd = input_hw
     same_size = (sh, sw) == (1, 1) and (oh, ow) == (h, wd)
-    phase = same_size and use_phase_rows(w.shape, groups, g, w)  # (the literal form's forward)
+    # the literal form's forward, with the rotated kernel's (C, O/g, kH, kW) rows
+    phase = same_size and use_phase_rows((cg * groups, o // groups, kh, kw), groups, g, w)
     winograd = use_winograd(w.shape, geo.stride, geo.dilation, groups, (h, wd), g.dtype)
     if same_size and not phase and winograd:
         pad4 = (2 - top, 2 - bottom, 2 - left, 2 - right)  # "full" padding d*(k-1), cropped

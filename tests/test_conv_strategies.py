@@ -41,6 +41,8 @@ LAYOUTS = (
     "conv_input_grad_stacked_rows",
     "conv_input_grad_scatter",
     "winograd_input_tiles",  # per chunk, for each of winograd_correlate, winograd_weight_grad
+    "phase_rows",  # per chunk, for each of _correlate_phase_rows, conv_weight_grad_phase_rows
+    "conv_weight_grad_phase_rows",
 )
 
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts
@@ -199,7 +201,68 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_each_layout_matches_torch(
     case: str, split: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    x_shape, w_shape, kwargs, forward_layout, backward_layouts = CASES[case]
+    check_layouts(*CASES[case], split, case in UNBUFFERED, spy, monkeypatch)
+
+
+# The channels-last phase-row layout runs where oneDNN multiplies (float32 on the CPU);
+# here it is forced for float64, whose products torch's own ``linear`` computes.
+PHASE_CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
+    "phase rows, same size (ResNet 3x3): dL/dx the literal correlation": (
+        (5, 24, 8, 9),
+        (24, 24, 3, 3),
+        dict(padding=1),
+        "phase_rows",
+        {"phase_rows", "conv_weight_grad_phase_rows"},
+    ),
+    "phase rows, stride 2 (two phases): dL/dx as col2im": (
+        (5, 24, 9, 10),
+        (6, 24, 3, 3),
+        dict(stride=2, padding=1),
+        "phase_rows",
+        {"conv_input_grad_columns", "phase_rows", "conv_weight_grad_phase_rows"},
+    ),
+    "phase rows, stride (3, 2), height dilation 2, uneven padding, 2x4 kernel": (
+        (5, 16, 13, 11),
+        (3, 16, 2, 4),
+        dict(stride=(3, 2), dilation=(2, 1), padding=(2, 1)),
+        "phase_rows",
+        {"conv_input_grad_columns", "phase_rows", "conv_weight_grad_phase_rows"},
+    ),
+    "phase rows, dilated 2, same size (22 outputs: the rotated kernel's rows are wide too)": (
+        (5, 24, 9, 8),
+        (22, 24, 3, 3),
+        dict(padding=2, dilation=2),
+        "phase_rows",
+        {"phase_rows", "conv_weight_grad_phase_rows"},
+    ),
+}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("case", PHASE_CASES)
+def test_phase_rows_match_torch(
+    case: str, split: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        conv, "use_phase_rows", lambda w_shape, groups, *_: conv.wide_rows(w_shape, groups)
+    )
+    check_layouts(*PHASE_CASES[case], split, False, spy, monkeypatch)
+
+
+def check_layouts(
+    x_shape: tuple,
+    w_shape: tuple,
+    kwargs: dict[str, Any],
+    forward_layout: str,
+    backward_layouts: set[str],
+    split: bool,
+    unbuffered: bool,
+    spy: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forward runs ``forward_layout`` (once per chunk when ``split`` cuts every batch
+    into chunks, unless the layout needs no buffer), the backward exactly
+    ``backward_layouts``, and output and gradients are torch's (float64)."""
     if split:  # every buffer over budget: each batch is cut into chunks
         monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
         monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
@@ -218,7 +281,7 @@ def test_each_layout_matches_torch(
 
     assert set(forward_calls) == {forward_layout}
     assert set(spy) == backward_layouts
-    if split and case not in UNBUFFERED:  # the forward's layout ran once per chunk
+    if split and not unbuffered:  # the forward's layout ran once per chunk
         assert len(forward_calls) > 1
     if split and "depthwise_table" in backward_layouts:  # one table of g per chunk
         assert spy.count("depthwise_table") > 1
@@ -340,10 +403,21 @@ def test_weight_grad_contraction_split_among_threads(
     assert result.ok, result.message
 
 
-def test_winograd_float32_within_tolerance() -> None:
-    """In float32 the Winograd transforms must not cost accuracy a user would see: a
-    ResNet-sized layer (256 channels, 14x14) -- output, dL/dx and dL/dw against torch's
-    float64 result within torch.testing's float32 tolerances (parity's ``compare``)."""
+@pytest.mark.parametrize(
+    "layouts",
+    [{"winograd_input_tiles"}, {"phase_rows", "conv_weight_grad_phase_rows"}],
+    ids=["Winograd", "phase rows"],
+)
+def test_float32_within_tolerance(
+    layouts: set[str], spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In float32 neither Winograd's transforms nor the phase rows' oneDNN GEMMs may cost
+    accuracy a user would see: a ResNet-sized layer (256 channels, 14x14) -- output, dL/dx
+    and dL/dw against torch's float64 result within torch.testing's float32 tolerances
+    (parity's ``compare``).  (On oneDNN the phase rows take this layer: Winograd is the
+    layout where oneDNN does not multiply, forced here.)"""
+    if "winograd_input_tiles" in layouts:
+        monkeypatch.setattr(conv, "use_phase_rows", lambda *_: False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 256, 14, 14, generator=gen)
     w = torch.randn(256, 256, 3, 3, generator=gen) / 48  # ~unit-variance outputs
@@ -356,6 +430,7 @@ def test_winograd_float32_within_tolerance() -> None:
         fn = H.conv2d if dtype == torch.float32 else F.conv2d
         y = fn(*args, padding=1)
         results[dtype] = (y, *torch.autograd.grad(y, args[:2], upstream.to(dtype)))
+    assert set(spy) == layouts
     for name, actual, expected in zip(
         ("y", "dx", "dw"), results[torch.float32], results[torch.float64], strict=True
     ):
