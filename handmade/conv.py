@@ -848,12 +848,19 @@ def _correlate_stacked_rows(
 
 def use_phase_rows(w_shape: torch.Size, groups: int, *operands: torch.Tensor) -> bool:
     """Whether a conv takes the channels-last row buffer (:func:`phase_rows`): kernel rows
-    wide enough (:func:`wide_rows`) where oneDNN multiplies the ``operands``
-    (:func:`_gemm.onednn_ready`), whose GEMMs need every operand dense -- which the NCHW
-    buffers' per-kernel-row views are not.  At 2 threads, forward against the NCHW row
-    GEMMs or Winograd (10th percentile of interleaved blocks, batch 4): ResNet 64@56 0.72x
-    the time, 128@28 0.71x, 256@14 0.70x, 256@7 0.84x, the dilated 64@28 0.37x."""
-    return wide_rows(w_shape, groups) and gemm.onednn_ready(*operands)
+    wide enough (:func:`wide_rows`) where its GEMMs go channels-last
+    (:func:`channels_last_gemms`).  At 2 threads, forward against the NCHW row GEMMs or
+    Winograd (10th percentile of interleaved blocks, batch 4): ResNet 64@56 0.72x the
+    time, 128@28 0.71x, 256@14 0.70x, 256@7 0.84x, the dilated 64@28 0.37x."""
+    return wide_rows(w_shape, groups) and channels_last_gemms(groups, *operands)
+
+
+def channels_last_gemms(groups: int, *operands: torch.Tensor) -> bool:
+    """Whether an ungrouped conv's GEMMs run channels-last (:func:`_correlate_phase_rows`,
+    :func:`conv_input_grad_columns_nhwc`): where oneDNN multiplies the ``operands``
+    (:func:`_gemm.onednn_ready`), whose fast kernels need every operand dense -- which the
+    NCHW buffers' per-kernel-row views and a transposed kernel are not."""
+    return groups == 1 and gemm.onednn_ready(*operands)
 
 
 def wide_rows(w_shape: torch.Size, groups: int) -> bool:
@@ -1159,6 +1166,8 @@ def conv_input_grad(
     small_kernel = 2.5 * w.numel() <= n * cg * groups * h * wd
     if not phase and (not same_size or not small_kernel):
         if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
+            if kh * kw > 1 and channels_last_gemms(groups, g, w):
+                return conv_input_grad_columns_nhwc(g, w, input_hw, geo)
             return conv_input_grad_columns(g, w, input_hw, geo)
         if sh == 1 and stacked_rows(w.shape, geo.dilation, groups):
             return conv_input_grad_stacked_rows(g, w, input_hw, geo)
@@ -1214,6 +1223,42 @@ def conv_input_grad_columns(
                     cols = slice(j * dw, j * dw + (ow - 1) * sw + 1, sw)
                     at(dxp, (rows, cols)).add_(dcols[:, :, i, j])
         return _pad(dxp, (-top, -bottom, -left, -right))  # the padding's gradient is dropped
+
+    budget = column_budget(n * c * h * wd, g.numel(), w.numel())
+    chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)
+    return over_chunks(col2im_chunk, chunks, (n, c, h, wd), g)
+
+
+def conv_input_grad_columns_nhwc(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    input_hw: tuple[int, int],
+    geo: ConvGeometry,
+) -> torch.Tensor:
+    """:func:`conv_input_grad_columns` channels-last, where oneDNN multiplies (ungrouped):
+    ``dcols = g @ w`` with ``g`` as ``(n*oH*oW, O)`` and the kernel as ``(O, kH*kW*C)``, one
+    product per chunk of the batch, then each tap ``(i, j)`` adds its ``C`` columns back
+    onto the pixels it read, in a channels-last copy of the padded input -- runs of ``C``
+    contiguous values on both sides -- permuted to NCHW at the end.  ResNet 128->256/2's
+    dL/dx at 2 threads: 0.73x the time of the NCHW col2im (10th percentile of 8 blocks)."""
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    top, bottom, left, right = geo.padding
+    n, o, oh, ow = g.shape
+    _, c, kh, kw = w.shape
+    (h, wd), hp, wp = input_hw, input_hw[0] + top + bottom, input_hw[1] + left + right
+    w_taps = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)  # w[o, (i, j, c)]
+
+    def col2im_chunk(_out: torch.Tensor | None, g_part: torch.Tensor) -> torch.Tensor:
+        m = g_part.shape[0]
+        g_cols = g_part.permute(0, 2, 3, 1).reshape(m * oh * ow, o)  # g[(n, p, q), o]
+        dcols = gemm.linear(g_cols, w_taps.mT).view(m, oh, ow, kh, kw, c)
+        dxp = g_part.new_zeros(m, hp, wp, c)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
+                cols = slice(j * dw, j * dw + (ow - 1) * sw + 1, sw)
+                dxp[:, rows, cols].add_(dcols[:, :, :, i, j])
+        return dxp[:, top : top + h, left : left + wd].permute(0, 3, 1, 2)  # (n, C, H, W)
 
     budget = column_budget(n * c * h * wd, g.numel(), w.numel())
     chunks = batch_chunks(n, c * kh * kw * oh * ow, budget)

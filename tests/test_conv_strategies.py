@@ -38,6 +38,7 @@ LAYOUTS = (
     "conv_weight_grad_rows",
     "conv_weight_grad_columns",
     "conv_input_grad_columns",
+    "conv_input_grad_columns_nhwc",
     "conv_input_grad_stacked_rows",
     "conv_input_grad_scatter",
     "winograd_input_tiles",  # per chunk, for each of winograd_correlate, winograd_weight_grad
@@ -204,8 +205,8 @@ def test_each_layout_matches_torch(
     check_layouts(*CASES[case], split, case in UNBUFFERED, spy, monkeypatch)
 
 
-# The channels-last phase-row layout runs where oneDNN multiplies (float32 on the CPU);
-# here it is forced for float64, whose products torch's own ``linear`` computes.
+# The channels-last layouts (phase rows, NHWC col2im) run where oneDNN multiplies (float32
+# on the CPU); here they are forced for float64, whose products torch's own ``linear`` computes.
 PHASE_CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
     "phase rows, same size (ResNet 3x3): dL/dx the literal correlation": (
         (5, 24, 8, 9),
@@ -219,14 +220,14 @@ PHASE_CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
         (6, 24, 3, 3),
         dict(stride=2, padding=1),
         "phase_rows",
-        {"conv_input_grad_columns", "phase_rows", "conv_weight_grad_phase_rows"},
+        {"conv_input_grad_columns_nhwc", "phase_rows", "conv_weight_grad_phase_rows"},
     ),
     "phase rows, stride (3, 2), height dilation 2, uneven padding, 2x4 kernel": (
         (5, 16, 13, 11),
         (3, 16, 2, 4),
         dict(stride=(3, 2), dilation=(2, 1), padding=(2, 1)),
         "phase_rows",
-        {"conv_input_grad_columns", "phase_rows", "conv_weight_grad_phase_rows"},
+        {"conv_input_grad_columns_nhwc", "phase_rows", "conv_weight_grad_phase_rows"},
     ),
     "phase rows, dilated 2, same size (22 outputs: the rotated kernel's rows are wide too)": (
         (5, 24, 9, 8),
@@ -243,9 +244,7 @@ PHASE_CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
 def test_phase_rows_match_torch(
     case: str, split: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        conv, "use_phase_rows", lambda w_shape, groups, *_: conv.wide_rows(w_shape, groups)
-    )
+    monkeypatch.setattr(conv, "channels_last_gemms", lambda groups, *_: groups == 1)
     check_layouts(*PHASE_CASES[case], split, False, spy, monkeypatch)
 
 

@@ -83,7 +83,7 @@ CASES = {
     ),
     "conv2d-float32-1x1": (
         lambda x, w: H.conv2d(x, w),
-        (_x(2, 256, 14, 14, dtype=torch.float32), _x(64, 256, 1, 1, dtype=torch.float32)),
+        (_x(2, 256, 28, 28, dtype=torch.float32), _x(64, 256, 1, 1, dtype=torch.float32)),
     ),
     "max_pool2d": (lambda x: H.max_pool2d(x, 3, 2, 1, ceil_mode=True), (_x(2, 3, 7, 7),)),
     "avg_pool2d": (
