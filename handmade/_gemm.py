@@ -9,9 +9,11 @@ sgemm, which on AMD processors runs its AVX2 code: on this project's 2-core AMD 
 torch, which runs its own CPU kernels on oneDNN -- reached 380-500 (2 threads, products
 of ResNet's and LeNet's im2col shapes; 0.41-0.58x the time).  So a float32 CPU product
 large enough to gain (``ONEDNN_MIN_MACS``) goes to oneDNN's inner product,
-``torch.ops.mkldnn._linear_pointwise(X, W) = X @ W^T``, which reads ``W`` in the strides
-it has (a transposed view needs no copy).  Only that GEMM is used: no oneDNN convolution
-or pooling (the purity test logs every dispatched op and allows exactly this one).
+``torch.ops.mkldnn._linear_pointwise(X, W) = X @ W^T`` (its ``.binary`` form adds a
+third matrix in the same pass: :func:`linear`), which reads a dense ``W`` as it is, row-
+or column-major (a transposed view needs no copy).  Only that GEMM is used: no oneDNN
+convolution or pooling (the purity test logs every dispatched op and allows exactly this
+one).  Batched products are one oneDNN product per matrix.
 
 torch's own product runs instead wherever oneDNN's cannot stand in: other dtypes and
 devices; while autograd records (a double backward differentiates these products, and
@@ -30,8 +32,10 @@ from torch.autograd import forward_ad
 __all__ = ["addmm", "baddbmm", "baddbmm_", "bmm", "linear", "mm", "onednn_gemm", "onednn_ready"]
 
 # Products of fewer multiply-adds than this stay on torch's ``bmm``: below it oneDNN's
-# per-call cost eats the faster kernel (measured at 2 threads: a 16x150x640 product 0.95x
-# the time, ten of them in a batch 1.21x; a 6x25x50176 one 0.41x).
+# per-call cost (~10 us) eats the faster kernel.  Measured at 2 threads: ten 16x150x640
+# products (LeNet conv2's forward at batch 64) 1.21x the time, a ResNet 1x1's 64x256x196
+# per sample 1.1-1.2x (its fwd+bwd 0.17/0.19/0.15 ms for forward/dL/dx/dL/dw against
+# 0.15/0.16/0.14 on torch's ``bmm``); ten 16x150x2560 (LeNet conv2 at batch 256) 0.58x.
 ONEDNN_MIN_MACS = 1 << 22
 
 

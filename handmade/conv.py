@@ -18,9 +18,13 @@ Differentiating (1) term by term:
 
 Where each is computed:
 
-    (1) :func:`conv_forward` -> :func:`correlate`, in one of two GEMM layouts picked per
-        shape by :func:`use_columns`: a width-only im2col (:func:`row_windows`) and one
-        GEMM per kernel row ``i`` over the rows that row reads (:func:`kernel_row`); or
+    (1) :func:`conv_forward` -> :func:`correlate`.  Where oneDNN multiplies (float32 on the
+        CPU: :mod:`handmade._gemm`) and kernel rows are wide (ResNet's), channels-last: a
+        width-only im2col split by row phase, one GEMM per kernel row over a contiguous
+        block of it (:func:`_correlate_phase_rows`).  Otherwise in one of two NCHW GEMM
+        layouts picked per shape by :func:`use_columns`: a width-only im2col
+        (:func:`row_windows`) and one GEMM per kernel row ``i`` over the rows that row
+        reads (:func:`kernel_row`); or
         the full im2col (:func:`columns`) and one GEMM straight into NCHW
         (:func:`_correlate_columns`).  Kernel rows too thin for a batch-wide GEMM
         (LeNet's first layer): the width-only im2col per sample, one GEMM per sample and
@@ -31,13 +35,15 @@ Where each is computed:
         instead of 36 (:func:`winograd_correlate`, picked by :func:`use_winograd`).
     (2) :func:`conv_bias_grad`: one reduction.
     (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
-        the same buffers: :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
-        :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_stacked_rows`.
+        the same buffers: :func:`conv_weight_grad_phase_rows`, :func:`conv_weight_grad_rows`,
+        :func:`conv_weight_grad_columns`, :func:`conv_weight_grad_sample_rows`,
+        :func:`conv_weight_grad_stacked_rows`.
         Depthwise kernels: (3) and (4) together from one table of ``g``'s rows, (4) as one
         ``embedding_bag`` (:func:`depthwise_grads`).
     (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
         call to :func:`correlate`) for size-preserving convs; otherwise the same sum as the
-        transpose of the forward's GEMMs, :func:`conv_input_grad_columns` (col2im),
+        transpose of the forward's GEMMs, :func:`conv_input_grad_columns` (col2im; channels-
+        last where oneDNN multiplies, :func:`conv_input_grad_columns_nhwc`),
         :func:`conv_input_grad_stacked_rows` (narrow kernel rows) or
         :func:`conv_input_grad_scatter`, which need no zero-inserted copy of g.
         Size-preserving convs that take Winograd forward take it here too, with the
@@ -892,8 +898,11 @@ def phase_rows(
     (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
     r = (kh - 1) * dh // sh + oh
     top, _, left, right = padding
-    # (n, sH*R, Wp, C): F.pad keeps the permuted order, so this is a channels-last copy
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, left, right, top, sh * r - h - top)).contiguous()
+    # (n, sH*R, Wp, C), a channels-last copy (F.pad lays out a padded copy contiguously,
+    # but clones an unpadded one as it is -- permuted -- which would be copied again)
+    pad = (0, 0, left, right, top, sh * r - h - top)
+    xp = x.permute(0, 2, 3, 1)
+    xp = (xp if pad == (0,) * 6 else F.pad(xp, pad)).contiguous()
     st = xp.stride()
     size = (sh, r, n, ow, kw, c)
     strides = (st[1], sh * st[1], st[0], sw * st[2], dw * st[2], st[3])
