@@ -163,7 +163,7 @@ def linear(
     :func:`torch.nn.functional.linear` (plus ``add``): ``x`` ``(M, K)``, ``w`` ``(N, K)``,
     ``bias`` ``(N,)`` and ``add`` ``(M, N)`` optional.  On oneDNN (:func:`onednn_ready`;
     any size: the callers' products are large) ``add`` is fused into the product."""
-    if not onednn_ready(x, w):
+    if not onednn_ready(x, w) or 0 in (*x.shape, w.shape[0]):  # (oneDNN takes no empties)
         y = torch.nn.functional.linear(x, w, bias)
         return y if add is None else y.add_(add)
     x, w = x.contiguous(), _plain(w)

@@ -949,7 +949,7 @@ def _correlate_phase_rows(
         for i in range(kh):
             m_i = phase_kernel_row(buf, i, dh, oh)
             y = gemm.linear(m_i, w_rows[i], bias if i == 0 else None, add=y)
-        return y.view(oh, -1, ow, o).permute(1, 3, 0, 2)  # (n, O, oH, oW)
+        return y.view(oh, x_part.shape[0], ow, o).permute(1, 3, 0, 2)  # (n, O, oH, oW)
 
     per_sample = stride[0] * ((kh - 1) * dilation[0] // stride[0] + oh) * ow * kw * c
     chunks = batch_chunks(n, per_sample, row_budget(x.numel(), n * o * oh * ow))
@@ -1694,6 +1694,11 @@ def _conv_geometry(
             f"Given groups={groups}, weight of size {list(weight.shape)}, expected "
             f"input{list(x.shape)} to have {weight.shape[1] * groups} channels, "
             f"but got {in_channels} channels instead"
+        )
+    if weight.shape[0] < groups:
+        raise RuntimeError(
+            f"Given groups={groups}, expected weight to be at least {groups} at dimension 0, "
+            f"but got weight of size {list(weight.shape)} instead"
         )
     if weight.shape[0] % groups != 0:
         raise RuntimeError(

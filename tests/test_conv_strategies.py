@@ -248,6 +248,43 @@ def test_phase_rows_match_torch(
     check_layouts(*PHASE_CASES[case], split, False, spy, monkeypatch)
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "kwargs"),
+    [
+        ((0, 32, 8, 8), (32, 32, 3, 3), dict(padding=1)),
+        ((0, 32, 9, 9), (16, 32, 3, 3), dict(stride=2, padding=1)),
+    ],
+    ids=["empty batch", "empty batch, strided"],
+)
+def test_channels_last_layouts_take_empty_tensors(
+    x_shape: tuple, w_shape: tuple, kwargs: dict[str, Any]
+) -> None:
+    """float32, where the channels-last layouts run on oneDNN, which takes no empty
+    matrix: an empty batch gives torch's (empty) output and gradients, as the float64
+    parity sweep checks for the NCHW layouts."""
+    x = torch.randn(x_shape, requires_grad=True)
+    w = torch.randn(w_shape, requires_grad=True)
+    outs = {}
+    for name, fn in (("handmade", H.conv2d), ("torch", F.conv2d)):
+        y = fn(x, w, **kwargs)
+        outs[name] = (y, *torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+    for actual, expected in zip(outs["handmade"], outs["torch"], strict=True):
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected)
+
+
+def test_kernel_without_outputs_fails_as_torch() -> None:
+    """A kernel with no output channels: torch's RuntimeError and message (not an error
+    from deep inside a layout)."""
+    x, w = torch.randn(2, 32, 8, 8), torch.randn(0, 32, 3, 3)
+    messages = []
+    for fn in (H.conv2d, F.conv2d):
+        with pytest.raises(RuntimeError) as raised:
+            fn(x, w, padding=1)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+
+
 def check_layouts(
     x_shape: tuple,
     w_shape: tuple,
