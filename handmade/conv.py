@@ -896,7 +896,7 @@ def phase_rows(
     n, c, h, wd = x.shape
     kh, kw = kernel
     (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
-    r = (kh - 1) * dh // sh + oh
+    r = phase_row_count(kh, sh, dh, oh)
     top, _, left, right = padding
     # (n, sH*R, Wp, C), a channels-last copy (F.pad lays out a padded copy contiguously,
     # but clones an unpadded one as it is -- permuted -- which would be copied again)
@@ -907,6 +907,21 @@ def phase_rows(
     size = (sh, r, n, ow, kw, c)
     strides = (st[1], sh * st[1], st[0], sw * st[2], dw * st[2], st[3])
     return xp.as_strided(size, strides, xp.storage_offset()).reshape(sh, r, n * ow, kw * c)
+
+
+def phase_row_count(kh: int, sh: int, dh: int, oh: int) -> int:
+    """Rows per phase of a :func:`phase_rows` buffer: the last kernel row's first row,
+    ``(kH-1)*dH div sH``, plus ``oH``."""
+    return (kh - 1) * dh // sh + oh
+
+
+def phase_rows_per_sample(
+    w_shape: torch.Size, stride: tuple[int, int], dh: int, out_hw: tuple[int, int]
+) -> int:
+    """Elements of a :func:`phase_rows` buffer per sample: ``sH*R*oW*kW*C``."""
+    _, c, kh, kw = w_shape
+    sh = stride[0]
+    return sh * phase_row_count(kh, sh, dh, out_hw[0]) * out_hw[1] * kw * c
 
 
 def phase_kernel_row(buf: torch.Tensor, i: int, dh: int, oh: int) -> torch.Tensor:
@@ -951,7 +966,7 @@ def _correlate_phase_rows(
             y = gemm.linear(m_i, w_rows[i], bias if i == 0 else None, add=y)
         return y.view(oh, x_part.shape[0], ow, o).permute(1, 3, 0, 2)  # (n, O, oH, oW)
 
-    per_sample = stride[0] * ((kh - 1) * dilation[0] // stride[0] + oh) * ow * kw * c
+    per_sample = phase_rows_per_sample(w.shape, stride, dh, out_hw)
     chunks = batch_chunks(n, per_sample, row_budget(x.numel(), n * o * oh * ow))
     return over_chunks(phase_chunk, chunks, (n, o, oh, ow), x)
 
@@ -969,7 +984,7 @@ def conv_weight_grad_phase_rows(
     n = x.shape[0]
     _, _, oh, ow = g.shape
     dh = geo.dilation[0]
-    per_sample = geo.stride[0] * ((kh - 1) * dh // geo.stride[0] + oh) * ow * kw * c
+    per_sample = phase_rows_per_sample(w_shape, geo.stride, dh, (oh, ow))
     dw_rows = [None] * kh  # dw_rows[i][o, (j, c)] = dw[o, c, i, j]
     for part in batch_chunks(n, per_sample, row_budget(x.numel(), g.numel())):
         buf = phase_rows(x[part], geo.padding, (kh, kw), geo.stride, geo.dilation, (oh, ow))
@@ -1194,6 +1209,20 @@ def conv_input_grad(
     return correlate(g, w_rot, (1, 1), pad4, (dh, dw), groups)
 
 
+def tap_reads(
+    tap: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+) -> tuple[slice, slice]:
+    """The padded rows and columns kernel tap ``(i, j)`` reads for the output pixels
+    ``(p, q)``: ``p*sH + i*dH`` and ``q*sW + j*dW``, as slices."""
+    (i, j), (sh, sw), (dh, dw), (oh, ow) = tap, stride, dilation, out_hw
+    return slice(i * dh, i * dh + (oh - 1) * sh + 1, sh), slice(
+        j * dw, j * dw + (ow - 1) * sw + 1, sw
+    )
+
+
 def conv_input_grad_columns(
     g: torch.Tensor,
     w: torch.Tensor,
@@ -1203,7 +1232,7 @@ def conv_input_grad_columns(
     """Formula (4) as the transpose of :func:`_correlate_columns`: per sample,
     ``dcols = w^T @ g`` is the gradient of every window's column, and each kernel tap
     ``(i, j)`` adds its rows back onto the pixels it read (col2im)."""
-    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
+    groups = geo.groups
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
     _, cg, kh, kw = w.shape
@@ -1228,9 +1257,8 @@ def conv_input_grad_columns(
             dxp = out.zero_() if unpadded else g.new_zeros(m, c, hp, wp)
             for i in range(kh):
                 for j in range(kw):
-                    rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
-                    cols = slice(j * dw, j * dw + (ow - 1) * sw + 1, sw)
-                    at(dxp, (rows, cols)).add_(dcols[:, :, i, j])
+                    read = tap_reads((i, j), geo.stride, geo.dilation, (oh, ow))
+                    at(dxp, read).add_(dcols[:, :, i, j])
         return _pad(dxp, (-top, -bottom, -left, -right))  # the padding's gradient is dropped
 
     budget = column_budget(n * c * h * wd, g.numel(), w.numel())
@@ -1250,7 +1278,6 @@ def conv_input_grad_columns_nhwc(
     onto the pixels it read, in a channels-last copy of the padded input -- runs of ``C``
     contiguous values on both sides -- permuted to NCHW at the end.  ResNet 128->256/2's
     dL/dx at 2 threads: 0.73x the time of the NCHW col2im (10th percentile of 8 blocks)."""
-    (sh, sw), (dh, dw) = geo.stride, geo.dilation
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
     _, c, kh, kw = w.shape
@@ -1264,8 +1291,7 @@ def conv_input_grad_columns_nhwc(
         dxp = g_part.new_zeros(m, hp, wp, c)
         for i in range(kh):
             for j in range(kw):
-                rows = slice(i * dh, i * dh + (oh - 1) * sh + 1, sh)
-                cols = slice(j * dw, j * dw + (ow - 1) * sw + 1, sw)
+                rows, cols = tap_reads((i, j), geo.stride, geo.dilation, (oh, ow))
                 dxp[:, rows, cols].add_(dcols[:, :, :, i, j])
         return dxp[:, top : top + h, left : left + wd].permute(0, 3, 1, 2)  # (n, C, H, W)
 
