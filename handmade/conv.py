@@ -741,9 +741,9 @@ def phase_row_chunks(
     leaves room for a larger chunk; on one, :func:`batch_chunks` within :func:`row_budget`.
 
     At 2 threads, fwd+bwd: ResNet 256@14 (4 chunks -> 1) 1.38x -> 1.24x torch's time,
-    128->256/2 (2 -> 1) 1.30x -> 1.22x, their peak memory 1.76x and 1.56x torch's.  (The
-    whole sum as the budget also took 64@56, 128@28 and the dilated conv to fewer chunks,
-    1.43x, 1.38x, 1.75x, but to 2.02x, 1.94x and 2.07x torch's peak memory.)
+    128->256/2 (2 -> 1) 1.30x -> 1.22x; their forward peak memory 1.76x and 1.56x
+    torch's.  (The whole sum as the budget also took 64@56, 128@28 and the dilated conv to
+    fewer chunks, 1.43x, 1.38x, 1.75x, but to 2.02x, 1.94x and 2.07x torch's peak memory.)
     """
     budget = row_budget(input_numel, output_numel)
     if torch.get_num_threads() > 1:  # whole samples: a chunk's buffer stays within budget

@@ -389,17 +389,48 @@ def test_row_buffer_budget_grows_with_threads(
     thread, the larger on more (:func:`handmade.conv.row_budget`): a LeNet-conv1-like
     layer (output 8x its input, buffer 6.7x) runs in one chunk per sample on one thread
     and whole on two.  Either way: torch's output and gradients."""
+    check_chunk_count(
+        (6, 1, 12, 12), (8, 1, 5, 5), threads, "_correlate_stacked_rows", chunks, spy, monkeypatch
+    )
+
+
+@pytest.mark.parametrize(("threads", "chunks"), [(1, 4), (2, 1)])
+def test_phase_row_budget_counts_the_kernel(
+    threads: int, chunks: int, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On more than one intra-op thread a phase-row buffer may also take the kernel's size
+    (:func:`handmade.conv.phase_row_chunks`): a layer whose kernel is 8x its input and
+    output (buffer 5x) runs whole on two threads, one chunk per sample on one.  Either
+    way: torch's output and gradients."""
+    monkeypatch.setattr(conv, "channels_last_gemms", lambda groups, *_: groups == 1)
+    check_chunk_count(
+        (4, 32, 3, 3), (32, 32, 3, 3), threads, "phase_rows", chunks, spy, monkeypatch
+    )
+
+
+def check_chunk_count(
+    x_shape: tuple,
+    w_shape: tuple,
+    threads: int,
+    layout: str,
+    chunks: int,
+    spy: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A same-size conv's forward at ``threads`` intra-op threads runs ``layout`` once per
+    chunk, ``chunks`` times (float64), and its output and gradients are torch's."""
     monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)  # the budget binds for this small batch
     monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 1, 12, 12, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(8, 1, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    padding = w_shape[-1] // 2
     with intra_op_threads(threads):
-        y = H.conv2d(x, w, padding=2)
-        assert spy.count("_correlate_stacked_rows") == chunks
+        y = H.conv2d(x, w, padding=padding)
+        assert spy.count(layout) == chunks
         upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
         grads = torch.autograd.grad(y, (x, w), upstream)
-    y_ref = F.conv2d(x, w, padding=2)
+    y_ref = F.conv2d(x, w, padding=padding)
     refs = torch.autograd.grad(y_ref, (x, w), upstream)
     for name, actual, expected in zip(("y", "dx", "dw"), (y, *grads), (y_ref, *refs), strict=True):
         result = compare(name, actual, expected, exact=False)
