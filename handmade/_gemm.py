@@ -113,6 +113,8 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """:func:`torch.bmm`: ``(B, M, K) @ (B, K, N)``, a contiguous ``(B, M, N)``."""
     if not onednn_gemm(a, b):
         return torch.bmm(a, b)
+    if a.shape[0] == 1:  # (the product itself, not a copy of it)
+        return _product(a[0], b[0]).contiguous().unsqueeze(0)
     a, b = _once(a, row_major=True), _once(b)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):

@@ -44,6 +44,8 @@ LAYOUTS = (
     "winograd_input_tiles",  # per chunk, for each of winograd_correlate, winograd_weight_grad
     "phase_rows",  # per chunk, for each of _correlate_phase_rows, conv_weight_grad_phase_rows
     "conv_weight_grad_phase_rows",
+    "columns_nhwc",  # per chunk, for each of _correlate_columns_nhwc, its dL/dw
+    "conv_weight_grad_columns_nhwc",
 )
 
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts
@@ -239,13 +241,34 @@ PHASE_CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
 }
 
 
+# the same cases on the full channels-last columns, the phase rows' names replaced
+FULL_COLUMNS = {
+    "phase_rows": "columns_nhwc",
+    "conv_weight_grad_phase_rows": "conv_weight_grad_columns_nhwc",
+}
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["phase rows", "full columns"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", PHASE_CASES)
-def test_phase_rows_match_torch(
-    case: str, split: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
+def test_channels_last_layouts_match_torch(
+    case: str, split: bool, full: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(conv, "channels_last_gemms", lambda groups, *_: groups == 1)
-    check_layouts(*PHASE_CASES[case], split, False, spy, monkeypatch)
+
+    def chunks(x_shape: torch.Size, *_geometry: Any) -> tuple[bool, list[slice]]:
+        """The layout under test, in one chunk or one per sample."""
+        n = x_shape[0]
+        return full, [slice(i, i + 1) for i in range(n)] if split else [slice(None)]
+
+    monkeypatch.setattr(conv, "channels_last_chunks", chunks)
+    x_shape, w_shape, kwargs, forward_layout, backward_layouts = PHASE_CASES[case]
+    if full:
+        forward_layout = FULL_COLUMNS[forward_layout]
+        backward_layouts = {FULL_COLUMNS.get(name, name) for name in backward_layouts}
+    check_layouts(
+        x_shape, w_shape, kwargs, forward_layout, backward_layouts, split, False, spy, monkeypatch
+    )
 
 
 @pytest.mark.parametrize(
@@ -303,6 +326,7 @@ def check_layouts(
         monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
         monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
         monkeypatch.setattr(conv, "row_budget", lambda _input, _output: 1)  # any thread count
+        monkeypatch.setattr(conv, "full_column_budget", lambda *_numels: 1)
         monkeypatch.setattr(conv, "DEPTHWISE_TABLE_FACTOR", 1)
     gen = torch.Generator().manual_seed(0)
     x, w, b = (
@@ -403,9 +427,45 @@ def test_phase_row_budget_counts_the_kernel(
     output (buffer 5x) runs whole on two threads, one chunk per sample on one.  Either
     way: torch's output and gradients."""
     monkeypatch.setattr(conv, "channels_last_gemms", lambda groups, *_: groups == 1)
+    # the full columns would take more chunks than any phase-row count: phase rows run
+    monkeypatch.setattr(conv, "full_column_chunks", lambda *_: [slice(None)] * 99)
     check_chunk_count(
         (4, 32, 3, 3), (32, 32, 3, 3), threads, "phase_rows", chunks, spy, monkeypatch
     )
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "stride", "full", "chunks"),
+    [
+        ((4, 64, 56, 56), (64, 64, 3, 3), 1, True, 4),  # as many chunks as the phase rows
+        ((4, 256, 7, 7), (256, 256, 3, 3), 1, True, 1),  # the whole batch fits
+        ((4, 256, 14, 14), (256, 256, 3, 3), 1, False, 1),  # full: 4 chunks, phase rows: 1
+        ((4, 128, 28, 28), (256, 128, 3, 3), 2, False, 1),
+    ],
+    ids=["ResNet 64@56", "ResNet 256@7", "ResNet 256@14", "ResNet 128->256/2"],
+)
+def test_full_columns_where_no_more_chunks_than_phase_rows(
+    x_shape: tuple, w_shape: tuple, stride: int, full: bool, chunks: int
+) -> None:
+    """At two threads, a ResNet 3x3 conv takes the full channels-last columns where their
+    whole-sample chunks (a 1.9x-torch's-memory budget) are no more than the phase rows'
+    (:func:`handmade.conv.channels_last_chunks`), and each chunk's buffers stay within it."""
+    out = (x_shape[2] - 1) // stride + 1
+    geometry = ((stride, stride), (1, 1, 1, 1), (1, 1), (out, out))
+    with intra_op_threads(2):
+        picked, slices = conv.channels_last_chunks(
+            torch.Size(x_shape), torch.Size(w_shape), *geometry
+        )
+    assert (picked, len(slices)) == (full, chunks)
+    n, c, h, _ = x_shape
+    o = w_shape[0]
+    largest = len(range(n)[slices[0]])
+    buffers = largest * (
+        out * out * (9 * c + o) + (h + 2) ** 2 * c
+    )  # padded copy, columns, product
+    kept = n * o * out * out + w_shape[0] * w_shape[1] * 9  # output and kernel
+    if full:
+        assert buffers + kept <= 1.9 * (n * c * h * h + kept)
 
 
 def check_chunk_count(
@@ -471,38 +531,61 @@ def test_weight_grad_contraction_split_among_threads(
 
 
 @pytest.mark.parametrize(
-    "layouts",
-    [{"winograd_input_tiles"}, {"phase_rows", "conv_weight_grad_phase_rows"}],
-    ids=["Winograd", "phase rows"],
+    ("layout", "n", "out_channels", "kernel"),
+    [
+        ("Winograd", 2, 256, 3),
+        ("phase rows", 2, 256, 3),
+        ("full columns", 2, 256, 3),
+        ("1x1 batch-wide", 4, 64, 1),
+    ],
 )
 def test_float32_within_tolerance(
-    layouts: set[str], spy: list[str], monkeypatch: pytest.MonkeyPatch
+    layout: str,
+    n: int,
+    out_channels: int,
+    kernel: int,
+    spy: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """In float32 neither Winograd's transforms nor the phase rows' oneDNN GEMMs may cost
-    accuracy a user would see: a ResNet-sized layer (256 channels, 14x14) -- output, dL/dx
-    and dL/dw against torch's float64 result within torch.testing's float32 tolerances
-    (parity's ``compare``).  (On oneDNN the phase rows take this layer: Winograd is the
-    layout where oneDNN does not multiply, forced here.)"""
-    if "winograd_input_tiles" in layouts:
+    """In float32 neither Winograd's transforms nor the oneDNN GEMMs of the channels-last
+    layouts may cost accuracy a user would see: a ResNet-sized layer (256 channels, 14x14)
+    -- output, dL/dx and dL/dw against torch's float64 result within torch.testing's
+    float32 tolerances (parity's ``compare``).  (Winograd is the layout where oneDNN does
+    not multiply, forced here; the channels-last layout is forced, whole batch; the 1x1's
+    per-sample products are too small for oneDNN, the batch's are not.)"""
+    if layout == "Winograd":
         monkeypatch.setattr(conv, "use_phase_rows", lambda *_: False)
+        assert conv.use_winograd((256, 256, 3, 3), (1, 1), (1, 1), 1, (14, 14), torch.float32)
+    else:
+        full = layout == "full columns"
+        monkeypatch.setattr(conv, "channels_last_chunks", lambda *_: (full, [slice(None)]))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 256, 14, 14, generator=gen)
-    w = torch.randn(256, 256, 3, 3, generator=gen) / 48  # ~unit-variance outputs
-    b = torch.randn(256, generator=gen)
-    upstream = torch.randn(2, 256, 14, 14, generator=gen)
-    assert conv.use_winograd(w.shape, (1, 1), (1, 1), 1, (14, 14), torch.float32)
+    x = torch.randn(n, 256, 14, 14, generator=gen)
+    w = torch.randn(out_channels, 256, kernel, kernel, generator=gen) / (16 * kernel)  # ~unit
+    b = torch.randn(out_channels, generator=gen)
+    upstream = torch.randn(n, out_channels, 14, 14, generator=gen)
+    if kernel == 1:  # one sample's 64x256x196 product too small for oneDNN, the batch's not
+        assert conv.batch_wide_1x1(out_channels, 256, 14 * 14, n, x, w)
     results = {}
     for dtype in (torch.float32, torch.float64):
         args = [t.to(dtype).requires_grad_() for t in (x, w, b)]
         fn = H.conv2d if dtype == torch.float32 else F.conv2d
-        y = fn(*args, padding=1)
+        y = fn(*args, padding=kernel // 2)
         results[dtype] = (y, *torch.autograd.grad(y, args[:2], upstream.to(dtype)))
-    assert set(spy) == layouts
+    assert set(spy) == FLOAT32_LAYOUTS[layout]
     for name, actual, expected in zip(
         ("y", "dx", "dw"), results[torch.float32], results[torch.float64], strict=True
     ):
         result = compare(name, actual, expected, exact=False, dtype=torch.float32)
         assert result.ok, result.message
+
+
+FLOAT32_LAYOUTS = {
+    "Winograd": {"winograd_input_tiles"},
+    "phase rows": {"phase_rows", "conv_weight_grad_phase_rows"},
+    "full columns": {"columns_nhwc", "conv_weight_grad_columns_nhwc"},
+    "1x1 batch-wide": {"_correlate_columns", "conv_weight_grad_columns"},
+}
 
 
 def test_depthwise_forward_over_reverse_takes_the_taps(spy: list[str]) -> None:
