@@ -1055,12 +1055,14 @@ def channels_last_chunks(
     as large.  torch's own forward keeps input, output and kernel alive (measured), so a
     chunk's buffers -- padded copy, columns, product -- take whole samples within that sum
     again, less the output and kernel we keep and a 5 % margin (peak memory under
-    ``1.9x`` torch's).  Picked where that takes no more chunks than the phase rows'
-    :func:`phase_row_chunks`: each chunk's product re-lays out the kernel (ResNet 256@14
-    at 2 threads: one sample per chunk, forward 2.28 ms against the phase rows' unchunked
-    2.26).  Forward at 2 threads, batch 4 (10th percentile of 20 interleaved blocks),
-    against the phase rows: ResNet 64@56 3.18 / 3.41 ms, 64->128/2 1.42 / 1.59, 128@28
-    2.42 / 2.71, 256@7 0.63 / 0.72; dL/dw 3.00 / 3.16, 1.48 / 1.66, 2.29 / 2.60, 0.59 / 0.62.
+    ``1.9x`` torch's).  Each chunk's product re-lays out the kernel, so they are picked
+    where they take no more chunks than the phase rows (:func:`phase_row_chunks`), or
+    where their extra chunks' kernels are no larger than the input: ResNet 128->256/2 at
+    2 threads (2 chunks against 1) fwd+bwd 1.20x torch's time against 1.30x; 256@14 (4
+    against 1) 1.02x the phase rows' time, kept on those.  Forward at 2 threads, batch 4
+    (10th percentile of 20 interleaved blocks), against the phase rows: ResNet 64@56 3.18
+    / 3.41 ms, 64->128/2 1.42 / 1.59, 128@28 2.42 / 2.71, 256@7 0.63 / 0.72; dL/dw 3.00 /
+    3.16, 1.48 / 1.66, 2.29 / 2.60, 0.59 / 0.62.
     """
     n, c, h, wd = x_shape
     o, _, kh, kw = w_shape
@@ -1068,7 +1070,9 @@ def channels_last_chunks(
     full = full_column_chunks(x_shape, w_shape, padding, out_hw)
     phase_per_sample = phase_rows_per_sample(w_shape, stride, dilation[0], out_hw)
     phase = phase_row_chunks(n, phase_per_sample, n * c * h * wd, out_numel, o * c * kh * kw)
-    if len(full) <= len(phase):
+    # each chunk's product re-lays out the kernel: more chunks than the phase rows' pay
+    # while those extra re-layouts cost no more than a pass over the input
+    if (len(full) - len(phase)) * o * c * kh * kw <= n * c * h * wd:
         return True, full
     return False, phase
 

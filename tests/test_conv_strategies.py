@@ -440,7 +440,7 @@ def test_phase_row_budget_counts_the_kernel(
         ((4, 64, 56, 56), (64, 64, 3, 3), 1, True, 4),  # as many chunks as the phase rows
         ((4, 256, 7, 7), (256, 256, 3, 3), 1, True, 1),  # the whole batch fits
         ((4, 256, 14, 14), (256, 256, 3, 3), 1, False, 1),  # full: 4 chunks, phase rows: 1
-        ((4, 128, 28, 28), (256, 128, 3, 3), 2, False, 1),
+        ((4, 128, 28, 28), (256, 128, 3, 3), 2, True, 2),  # 2 against 1, a small kernel
     ],
     ids=["ResNet 64@56", "ResNet 256@7", "ResNet 256@14", "ResNet 128->256/2"],
 )
@@ -448,7 +448,8 @@ def test_full_columns_where_no_more_chunks_than_phase_rows(
     x_shape: tuple, w_shape: tuple, stride: int, full: bool, chunks: int
 ) -> None:
     """At two threads, a ResNet 3x3 conv takes the full channels-last columns where their
-    whole-sample chunks (a 1.9x-torch's-memory budget) are no more than the phase rows'
+    whole-sample chunks (a 1.9x-torch's-memory budget) are no more than the phase rows',
+    or the extra chunks' kernels no larger than the input
     (:func:`handmade.conv.channels_last_chunks`), and each chunk's buffers stay within it."""
     out = (x_shape[2] - 1) // stride + 1
     geometry = ((stride, stride), (1, 1, 1, 1), (1, 1), (out, out))
