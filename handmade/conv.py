@@ -226,8 +226,9 @@ def depthwise_correlate(
 
     over the table ``T`` of the padded input's rows at each kernel column's shift
     (:func:`depthwise_table`): a weighted sum of ``kH*kW`` table rows per output row, one
-    :func:`torch.nn.functional.embedding_bag` for a chunk of the batch (the bags of rows
-    :func:`depthwise_bags`, the taps as per-sample weights), as the backward's (4) in
+    :func:`torch.nn.functional.embedding_bag` for a chunk of the batch
+    (:func:`weighted_rows`; the bags of rows :func:`depthwise_bags`, the taps as
+    per-sample weights), as the backward's (4) in
     :func:`depthwise_grads`.  A table takes ``kW`` times the padded input: chunks of the
     batch keep it within the input and output together (``DEPTHWISE_FORWARD_BUDGET``).
     Under forward-mode AD, for which
@@ -251,7 +252,7 @@ def depthwise_correlate(
     def table_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         k = x_part.shape[0] * c * oh  # output rows in this chunk
         table = depthwise_table(x_part, kw, sw, dw, padding, ow)
-        rows = F.embedding_bag(bags[:k], table, mode="sum", per_sample_weights=taps[:k])
+        rows = weighted_rows(table, bags[:k], taps[:k])
         y = rows.view(-1, c, oh, ow)
         if out is not None:  # copied into the chunk's slice of the result by over_chunks
             return y if b is None else y.add_(b)
@@ -337,6 +338,22 @@ def depthwise_bags(
     return (plane + row + tap).view(-1, kh * kw)
 
 
+def weighted_rows(table: torch.Tensor, bags: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_k weights[r, k] * table[bags[r, k]]``: ``F.embedding_bag(bags, table,
+    mode="sum", per_sample_weights=weights)``, called as torch's op itself with the bags'
+    offsets made once (:func:`bag_offsets`): ~6 us less per call, three per depthwise
+    fwd+bwd."""
+    offsets = bag_offsets(bags.shape[0], bags.shape[1], bags.dtype, bags.device)
+    flat_weights = weights.reshape(-1)
+    return torch.embedding_bag(table, bags.reshape(-1), offsets, False, 0, False, flat_weights)[0]
+
+
+@tensor_cache(maxsize=8)
+def bag_offsets(count: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where each of ``count`` bags of ``size`` indices starts: ``0, size, 2*size, ...``."""
+    return torch.arange(0, count * size, size, dtype=dtype, device=device)
+
+
 def depthwise_grads(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -392,9 +409,7 @@ def depthwise_grads(
         table = depthwise_table(g_full[part], kw, 1, dw, pad, wd)
         k = table.shape[0] // (kw * hp)  # planes (n, c) in this chunk
         if input_grad:
-            rows = F.embedding_bag(
-                bags[: k * h], table, mode="sum", per_sample_weights=taps[: k * h]
-            )
+            rows = weighted_rows(table, bags[: k * h], taps[: k * h])
             x_grads.append(rows.view(-1, c, h, wd))
         if weight_grad:
             runs = table.view(-1, c, kw, hp, wd)
@@ -1054,15 +1069,17 @@ def channels_last_chunks(
     ``kW*C`` (more of oneDNN's peak; no partial sums re-read), for a buffer ``kH`` times
     as large.  torch's own forward keeps input, output and kernel alive (measured), so a
     chunk's buffers -- padded copy, columns, product -- take whole samples within that sum
-    again, less the output and kernel we keep and a 5 % margin (peak memory under
-    ``1.9x`` torch's).  Each chunk's product re-lays out the kernel, so they are picked
-    where they take no more chunks than the phase rows (:func:`phase_row_chunks`), or
-    where their extra chunks' kernels are no larger than the input: ResNet 128->256/2 at
-    2 threads (2 chunks against 1) fwd+bwd 1.20x torch's time against 1.30x; 256@14 (4
-    against 1) 1.02x the phase rows' time, kept on those.  Forward at 2 threads, batch 4
-    (10th percentile of 20 interleaved blocks), against the phase rows: ResNet 64@56 3.18
-    / 3.41 ms, 64->128/2 1.42 / 1.59, 128@28 2.42 / 2.71, 256@7 0.63 / 0.72; dL/dw 3.00 /
-    3.16, 1.48 / 1.66, 2.29 / 2.60, 0.59 / 0.62.
+    again, less the output and kernel we keep and a 5 % margin (peak memory about
+    ``1.9x`` torch's; a chunk holds at least one sample: the dilated 64@28's forward,
+    whose one sample's buffers exceed that room, measured 1.95x).  Each chunk's product
+    re-lays out the kernel, so they are picked where they take no more chunks than the
+    phase rows (:func:`phase_row_chunks`), or where their extra chunks' kernels are no
+    larger than the input: ResNet 128->256/2 at 2 threads (2 chunks against 1) fwd+bwd
+    1.20x torch's time against 1.30x; 256@14 (4 against 1) 1.02x the phase rows' time,
+    kept on those.  Forward at 2 threads, batch 4 (10th percentile of 20 interleaved
+    blocks), against the phase rows: ResNet 64@56 3.18 / 3.41 ms, 64->128/2 1.42 / 1.59,
+    128@28 2.42 / 2.71, 256@7 0.63 / 0.72; dL/dw 3.00 / 3.16, 1.48 / 1.66, 2.29 / 2.60,
+    0.59 / 0.62.
     """
     n, c, h, wd = x_shape
     o, _, kh, kw = w_shape
