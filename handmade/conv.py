@@ -19,9 +19,12 @@ Differentiating (1) term by term:
 Where each is computed:
 
     (1) :func:`conv_forward` -> :func:`correlate`.  Where oneDNN multiplies (float32 on the
-        CPU: :mod:`handmade._gemm`) and kernel rows are wide (ResNet's), channels-last: a
-        width-only im2col split by row phase, one GEMM per kernel row over a contiguous
-        block of it (:func:`_correlate_phase_rows`).  Otherwise in one of two NCHW GEMM
+        CPU: :mod:`handmade._gemm`) and kernel rows are wide (ResNet's), channels-last: the
+        full im2col, one GEMM per chunk of the batch (:func:`_correlate_columns_nhwc`), or,
+        where that would take many more chunks, a width-only im2col split by row phase,
+        one GEMM per kernel row over a contiguous block of it
+        (:func:`_correlate_phase_rows`; :func:`channels_last_chunks` picks).  Otherwise in
+        one of two NCHW GEMM
         layouts picked per shape by :func:`use_columns`: a width-only im2col
         (:func:`row_windows`) and one GEMM per kernel row ``i`` over the rows that row
         reads (:func:`kernel_row`); or
@@ -35,7 +38,8 @@ Where each is computed:
         instead of 36 (:func:`winograd_correlate`, picked by :func:`use_winograd`).
     (2) :func:`conv_bias_grad`: one reduction.
     (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
-        the same buffers: :func:`conv_weight_grad_phase_rows`, :func:`conv_weight_grad_rows`,
+        the same buffers: :func:`conv_weight_grad_columns_nhwc`,
+        :func:`conv_weight_grad_phase_rows`, :func:`conv_weight_grad_rows`,
         :func:`conv_weight_grad_columns`, :func:`conv_weight_grad_sample_rows`,
         :func:`conv_weight_grad_stacked_rows`.
         Depthwise kernels: (3) and (4) together from one table of ``g``'s rows, (4) as one
@@ -1277,8 +1281,9 @@ def _correlate_columns(
 ) -> torch.Tensor:
     """Formula (1) as ``w @ columns(xp)``: one GEMM per sample (and group), written
     straight in NCHW -- into ``out`` when given (:func:`over_chunks`).  Under
-    ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs are too narrow (measured):
-    one GEMM over the whole batch's columns, returned as a permuted view."""
+    ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs are too narrow (measured),
+    and a 1x1 kernel's may be too small for oneDNN (:func:`batch_wide_1x1`): one GEMM over
+    the whole batch's columns, returned as a permuted view."""
     n = xp.shape[0]
     o, _, kh, kw = w.shape
     oh, ow = out_hw
@@ -1741,7 +1746,8 @@ def conv_weight_grad_columns(
 
     A 1x1 kernel at stride 1 without padding reads the input as it is: rather than copy it
     into one batch-wide buffer, one GEMM per sample on ``x`` itself, then a sum over the
-    batch (while those per-sample results are no larger than the input).
+    batch (while those per-sample results are no larger than the input) -- unless those
+    products are too small for oneDNN and the batch's is not (:func:`batch_wide_1x1`).
     """
     o, cg, kh, kw = w_shape
     groups = geo.groups
