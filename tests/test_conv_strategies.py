@@ -461,10 +461,9 @@ def test_full_columns_where_no_more_chunks_than_phase_rows(
     n, c, h, _ = x_shape
     o = w_shape[0]
     largest = len(range(n)[slices[0]])
-    buffers = largest * (
-        out * out * (9 * c + o) + (h + 2) ** 2 * c
-    )  # padded copy, columns, product
-    kept = n * o * out * out + w_shape[0] * w_shape[1] * 9  # output and kernel
+    # a chunk's columns, product and padded copy; the output and kernel kept beside them
+    buffers = largest * (out * out * (9 * c + o) + (h + 2) ** 2 * c)
+    kept = n * o * out * out + w_shape[0] * w_shape[1] * 9
     if full:
         assert buffers + kept <= 1.9 * (n * c * h * h + kept)
 
