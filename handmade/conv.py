@@ -940,15 +940,28 @@ def phase_rows(
     (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
     r = phase_row_count(kh, sh, dh, oh)
     top, _, left, right = padding
-    # (n, sH*R, Wp, C), a channels-last copy (F.pad lays out a padded copy contiguously,
-    # but clones an unpadded one as it is -- permuted -- which would be copied again)
-    pad = (0, 0, left, right, top, sh * r - h - top)
-    xp = x.permute(0, 2, 3, 1)
-    xp = (xp if pad == (0,) * 6 else F.pad(xp, pad)).contiguous()
+    xp = padded_nhwc(x, (top, sh * r - h - top, left, right))  # (n, sH*R, Wp, C)
     st = xp.stride()
     size = (sh, r, n, ow, kw, c)
     strides = (st[1], sh * st[1], st[0], sw * st[2], dw * st[2], st[3])
     return xp.as_strided(size, strides, xp.storage_offset()).reshape(sh, r, n * ow, kw * c)
+
+
+def padded_nhwc(x: torch.Tensor, padding: Pad4) -> torch.Tensor:
+    """A contiguous channels-last copy of ``x`` zero-padded by ``padding`` (negative crops):
+    ``(N, H+top+bottom, W+left+right, C)``.  (F.pad lays out a padded copy contiguously, but
+    clones an unpadded one as it is -- permuted -- which would be copied again.)"""
+    top, bottom, left, right = padding
+    pad = (0, 0, left, right, top, bottom)
+    xp = x.permute(0, 2, 3, 1)
+    return (xp if pad == (0,) * 6 else F.pad(xp, pad)).contiguous()
+
+
+def tap_major_kernel(w: torch.Tensor) -> torch.Tensor:
+    """The kernel as one channels-last GEMM operand: ``(O, kH*kW*C)``,
+    ``out[o, (i, j, c)] = w[o, c, i, j]`` (one copy)."""
+    o, c, kh, kw = w.shape
+    return w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
 
 
 def phase_row_count(kh: int, sh: int, dh: int, oh: int) -> int:
@@ -1047,10 +1060,7 @@ def columns_nhwc(
     n, c = x.shape[:2]
     kh, kw = kernel
     (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
-    top, bottom, left, right = padding
-    pad = (0, 0, left, right, top, bottom)
-    xp = x.permute(0, 2, 3, 1)  # (see phase_rows: F.pad lays out a padded copy contiguously)
-    xp = (xp if pad == (0,) * 6 else F.pad(xp, pad)).contiguous()
+    xp = padded_nhwc(x, padding)
     st = xp.stride()
     size = (n, oh, ow, kh, kw, c)
     strides = (st[0], sh * st[1], sw * st[2], dh * st[1], dw * st[2], st[3])
@@ -1133,7 +1143,7 @@ def _correlate_columns_nhwc(
     columns ``o``, then one permute to NCHW."""
     o, c, kh, kw = w.shape
     oh, ow = out_hw
-    w_taps = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)  # w[o, (i, j, c)]
+    w_taps = tap_major_kernel(w)
 
     def columns_chunk(_out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         cols = columns_nhwc(x_part, padding, (kh, kw), stride, dilation, out_hw)
@@ -1467,7 +1477,7 @@ def conv_input_grad_columns_nhwc(
     n, o, oh, ow = g.shape
     _, c, kh, kw = w.shape
     (h, wd), hp, wp = input_hw, input_hw[0] + top + bottom, input_hw[1] + left + right
-    w_taps = w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)  # w[o, (i, j, c)]
+    w_taps = tap_major_kernel(w)
 
     def col2im_chunk(_out: torch.Tensor | None, g_part: torch.Tensor) -> torch.Tensor:
         m = g_part.shape[0]
