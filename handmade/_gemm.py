@@ -29,7 +29,17 @@ import functools
 import torch
 from torch.autograd import forward_ad
 
-__all__ = ["addmm", "baddbmm", "baddbmm_", "bmm", "linear", "mm", "onednn_gemm", "onednn_ready"]
+__all__ = [
+    "addmm",
+    "baddbmm",
+    "baddbmm_",
+    "bmm",
+    "linear",
+    "mm",
+    "onednn_gemm",
+    "onednn_ready",
+    "plain_tensors",
+]
 
 # Products of fewer multiply-adds than this stay on torch's ``bmm``: below it oneDNN's
 # per-call cost (~10 us) eats the faster kernel.  Measured at 2 threads: ten 16x150x640
@@ -58,14 +68,21 @@ def onednn_ready(*tensors: torch.Tensor) -> bool:
     """Whether products of these tensors may go to oneDNN at all: float32 on the CPU, and
     nothing that needs torch's own op (autograd recording, forward-mode AD, ``functorch``
     transforms, tensor subclasses, oneDNN disabled)."""
-    for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or type(t) is not torch.Tensor:
-            return False  # (subclasses -- FakeTensor under torch.compile -- dispatch themselves)
-        if (torch.is_grad_enabled() and t.requires_grad) or _wrapped(t):
-            return False
-    if forward_ad._current_level >= 0:
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return False
-    return torch._C._get_mkldnn_enabled() and _onednn_available()
+    return plain_tensors(*tensors) and torch._C._get_mkldnn_enabled() and _onednn_available()
+
+
+def plain_tensors(*tensors: torch.Tensor) -> bool:
+    """Whether an op with no derivative and no ``functorch`` rules may compute with these
+    tensors: plain tensors (no subclass -- FakeTensor under torch.compile dispatches
+    itself -- nor ``functorch`` wrapper), none that autograd records, no forward-mode AD."""
+    for t in tensors:
+        if type(t) is not torch.Tensor or _wrapped(t):
+            return False
+        if torch.is_grad_enabled() and t.requires_grad:
+            return False
+    return forward_ad._current_level < 0
 
 
 def onednn_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:

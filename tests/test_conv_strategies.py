@@ -24,6 +24,8 @@ import handmade.functional as H
 from parity._io import intra_op_threads
 from parity.checks import compare
 
+tap_runs = conv.tap_runs
+
 # the functions that do a pass's work, one per layout
 LAYOUTS = (
     "depthwise_table",  # per chunk, in depthwise_correlate and depthwise_grads
@@ -403,6 +405,35 @@ def test_depthwise_table_whole_batch_within_its_budget(
     for name, actual, expected in zip(("dx", "dw"), grads, refs, strict=True):
         result = compare(name, actual, expected, exact=False)
         assert result.ok, result.message
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dots", [True, False], ids=["one call of dots", "per-plane products"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(padding=1), dict(stride=2, dilation=(2, 1), padding=(2, 0))],
+    ids=["same size", "strided, dilated"],
+)
+def test_depthwise_weight_grad_dots_or_products(
+    kwargs: dict[str, Any], dots: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The depthwise dL/dw: in a plain backward one call of dot products over the table of
+    ``g`` (embedding_bag's per-sample-weight gradient), where autograd records (a double
+    backward, forced here) the per-plane products -- either way torch's gradient."""
+    runs = []
+    monkeypatch.setattr(conv, "tap_runs", lambda *a: runs.append(a) or tap_runs(*a))
+    if not dots:
+        monkeypatch.setattr(conv.gemm, "plain_tensors", lambda *_tensors: False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 9, 10, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 1, 3, 2, generator=gen, dtype=dtype, requires_grad=True)
+    grads = {}
+    for name, fn in (("handmade", H.conv2d), ("torch", F.conv2d)):
+        y = fn(x, w, groups=4, **kwargs)
+        grads[name] = torch.autograd.grad(y, w, torch.ones_like(y))[0]
+    assert bool(runs) == dots
+    result = compare("dw", grads["handmade"], grads["torch"], exact=False)
+    assert result.ok, result.message
 
 
 @pytest.mark.parametrize(("threads", "chunks"), [(1, 6), (2, 1)])
