@@ -439,13 +439,13 @@ def depthwise_tap_dots(
     T[((n*C + c)*kW + j)*Hp + u + i*dH, v]`` over the table ``T`` of :func:`depthwise_grads`.
 
     For each plane and tap, a dot product of the ``H*W`` plane with the run of ``H*W``
-    table entries from row ``i*dH`` (whole rows: one contiguous run).  Where autograd,
-    forward-mode AD and ``functorch`` transforms stay out (:func:`gemm.plain_tensors`), one
-    call computes them all: the runs, rows of an overlapping view of the table (one row per
-    element), are read in place by the gradient of ``embedding_bag``'s per-sample weights,
-    which is exactly such a batch of dot products (bags: the planes, ``x``'s rows; entries:
-    the runs).  MobileNet 128@28 at batch 4, 2 threads: 0.14 ms against 0.39 for the
-    ``kH`` batched products of every plane below.
+    table entries from row ``i*dH`` (whole rows: one contiguous run).  On the CPU (where it
+    was measured), where autograd, forward-mode AD and ``functorch`` transforms stay out
+    (:func:`gemm.plain_tensors`), one call computes them all: the runs, rows of an
+    overlapping view of the table (one row per element), are read in place by the gradient
+    of ``embedding_bag``'s per-sample weights, which is exactly such a batch of dot products
+    (bags: the planes, ``x``'s rows; entries: the runs).  MobileNet 128@28 at batch 4, 2
+    threads: 0.14 ms against 0.39 for the ``kH`` batched products of every plane below.
     """
     n, c, h, wd = x.shape
     kh, kw = kernel
