@@ -96,6 +96,13 @@ MIN_ROW_BUFFER = 1 << 17
 UNSPLIT_BUFFER = 3 << 17
 # Output pixels per sample from which the full-im2col forward runs one GEMM per sample.
 PER_SAMPLE_COLUMNS = 512
+# One sample's full im2col of up to this many elements (4 MB of float32) is built and
+# multiplied one sample at a time in NCHW (:func:`sample_columns`).  Forward at 2 threads,
+# batch 4 (10th percentile of 16 interleaved blocks), against the channels-last full
+# columns: ResNet 64->128/2 1.36 / 1.47 ms (torch 1.07), 128@28 2.28 / 2.46 (1.89), the
+# dilated 64@28 0.77 / 0.90 (0.50); 64@56, a sample's columns 1.8M elements, 2.92 / 2.83;
+# 256@14, 128->256/2 and 256@7 (196 and 49 output pixels) 1.2-1.7x the time.
+SAMPLE_COLUMNS_MAX = 1 << 20
 # Kernel rows thinner than this (``C/g*kW``: LeNet's first layer, 5) make GEMMs over the
 # whole batch far below peak (measured): such stride-1 convs run one GEMM per sample and
 # kernel row (:func:`per_sample_rows`).
@@ -696,6 +703,8 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if depthwise(w.shape, groups):
         return depthwise_correlate(x, w, stride, padding, dilation, (oh, ow), bias)
+    if sample_columns(w.shape, groups, (oh, ow), x, w):
+        return _correlate_sample_columns(x, w, stride, padding, dilation, bias, (oh, ow))
     if use_phase_rows(w.shape, groups, x, w):
         full, chunks = channels_last_chunks(x.shape, w.shape, stride, padding, dilation, (oh, ow))
         if full:
@@ -1364,6 +1373,55 @@ def _correlate_columns(
         gemm.baddbmm_(y, _per_sample(w_g, n), cols, beta=0)  # (beta=0: the empty memory is ignored)
     else:
         y.copy_(_per_sample(b.expand(-1, -1, oh * ow), n)).baddbmm_(_per_sample(w_g, n), cols)
+    return out
+
+
+def sample_columns(
+    w_shape: torch.Size, groups: int, out_hw: tuple[int, int], *operands: torch.Tensor
+) -> bool:
+    """Whether a conv's forward runs one oneDNN product per sample on that sample's NCHW
+    columns (:func:`_correlate_sample_columns`): ungrouped, more than one tap, at least
+    ``PER_SAMPLE_COLUMNS`` output pixels, one sample's columns within
+    ``SAMPLE_COLUMNS_MAX`` elements and a product of at least ``ONEDNN_MIN_MACS``
+    (:func:`_gemm.onednn_gemm`'s size), where oneDNN multiplies (:func:`_gemm.onednn_ready`).
+    """
+    o, cg, kh, kw = w_shape
+    pixels = out_hw[0] * out_hw[1]
+    k = cg * kh * kw
+    if groups != 1 or kh * kw == 1 or pixels < PER_SAMPLE_COLUMNS:
+        return False
+    if k * pixels > SAMPLE_COLUMNS_MAX or o * k * pixels < gemm.ONEDNN_MIN_MACS:
+        return False
+    return gemm.onednn_ready(*operands)
+
+
+def _correlate_sample_columns(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    padding: Pad4,
+    dilation: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Formula (1) one sample at a time: ``y[n] = w @ columns(x_p[n]) + b``, the kernel as it
+    is, ``(O, C*kH*kW)``, and the sample's full im2col ``(C*kH*kW, oH*oW)`` (:func:`columns`,
+    read in place by oneDNN as a column-major operand): the product is the sample's NCHW
+    output, nothing to permute, and one sample's columns are small enough to stay in cache
+    between their copy and their product."""
+    n = x.shape[0]
+    o = w.shape[0]
+    oh, ow = out_hw
+    w_flat = w.reshape(o, -1)
+    xp = _pad(x, padding)
+    out = x.new_empty(n, o, oh, ow)
+    for k in range(n):
+        cols = columns(xp[k : k + 1], w.shape[2:], stride, dilation, out_hw, 1)[0, 0]
+        y = gemm.linear(w_flat, cols.mT).view(o, oh, ow)
+        if bias is None:
+            out[k].copy_(y)
+        else:
+            torch.add(y, bias.view(o, 1, 1), out=out[k])
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+import handmade._gemm as gemm
 import handmade.conv as conv
 import handmade.functional as H
 from parity._io import intra_op_threads
@@ -48,6 +49,7 @@ LAYOUTS = (
     "conv_weight_grad_phase_rows",
     "columns_nhwc",  # per chunk, for each of _correlate_columns_nhwc, its dL/dw
     "conv_weight_grad_columns_nhwc",
+    "_correlate_sample_columns",
 )
 
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts
@@ -296,6 +298,86 @@ def test_channels_last_layouts_take_empty_tensors(
     for actual, expected in zip(outs["handmade"], outs["torch"], strict=True):
         assert actual.shape == expected.shape
         torch.testing.assert_close(actual, expected)
+
+
+# One oneDNN product per sample on its NCHW columns, where oneDNN multiplies a large enough
+# product (float32 on the CPU); here forced for float64, whose products torch computes.
+SAMPLE_COLUMN_CASES: dict[str, tuple[tuple, tuple, dict[str, Any]]] = {
+    "stride 2 (ResNet 64->128/2's geometry)": (
+        (3, 5, 12, 11),
+        (6, 5, 3, 3),
+        dict(stride=2, padding=1),
+    ),
+    "dilated 2, same size (dL/dx, the literal correlation, in the same layout)": (
+        (3, 4, 10, 9),
+        (5, 4, 3, 3),
+        dict(padding=2, dilation=2),
+    ),
+    "stride (2, 1), uneven padding, 2x4 kernel": (
+        (3, 3, 11, 12),
+        (4, 3, 2, 4),
+        dict(stride=(2, 1), padding=(1, 2)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_COLUMN_CASES)
+def test_sample_columns_match_torch(
+    case: str, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-sample NCHW columns: the forward runs them, once; output and gradients are
+    torch's (float64)."""
+    monkeypatch.setattr(conv, "sample_columns", lambda _w_shape, groups, *_: groups == 1)
+    x_shape, w_shape, kwargs = SAMPLE_COLUMN_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        for shape in (x_shape, w_shape, w_shape[:1])
+    )
+    y = H.conv2d(x, w, b, **kwargs)
+    assert spy == ["_correlate_sample_columns"]
+    upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, (x, w, b), upstream)
+    y_ref = F.conv2d(x, w, b, **kwargs)
+    refs = torch.autograd.grad(y_ref, (x, w, b), upstream)
+    for name, actual, expected in zip(
+        ("y", "dx", "dw", "db"), (y, *grads), (y_ref, *refs), strict=True
+    ):
+        result = compare(name, actual, expected, exact=False)
+        assert result.ok, result.message
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "stride", "dilation", "picked"),
+    [
+        ((4, 64, 56, 56), (128, 64, 3, 3), 2, 1, True),
+        ((4, 128, 28, 28), (128, 128, 3, 3), 1, 1, True),
+        ((4, 64, 28, 28), (64, 64, 3, 3), 1, 2, True),
+        ((4, 64, 56, 56), (64, 64, 3, 3), 1, 1, False),  # a sample's columns: 1.8M elements
+        ((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, False),  # 196 output pixels
+        ((64, 1, 28, 28), (6, 1, 5, 5), 1, 1, False),  # LeNet conv1: a 118k-MAC product
+    ],
+    ids=["ResNet 64->128/2", "ResNet 128@28", "dilated 64@28", "ResNet 64@56", "256@14", "LeNet"],
+)
+def test_sample_columns_where_a_sample_is_one_large_product(
+    x_shape: tuple, w_shape: tuple, stride: int, dilation: int, picked: bool, spy: list[str]
+) -> None:
+    """float32 convs take the per-sample columns where a sample's output is wide, its
+    columns within ``SAMPLE_COLUMNS_MAX`` and its product large enough for oneDNN (and
+    oneDNN is there); float64 and grouped convs never.  Run on one small batch of the
+    picked geometry, its output is torch's."""
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    size = (x_shape[2] + 2 * dilation - 2 * dilation - 1) // stride + 1
+    expected = picked and gemm.onednn_ready(x, w)
+    assert conv.sample_columns(w.shape, 1, (size, size), x, w) == expected
+    assert not conv.sample_columns(w.shape, 1, (size, size), x.double(), w.double())
+    assert not conv.sample_columns(w.shape, 2, (size, size), x, w)
+    if picked:
+        x, b = x[:2], torch.randn(w_shape[0])
+        kwargs: dict[str, Any] = dict(stride=stride, padding=dilation, dilation=dilation)
+        y = H.conv2d(x, w, b, **kwargs)
+        assert spy == ["_correlate_sample_columns"] * expected
+        torch.testing.assert_close(y, F.conv2d(x, w, b, **kwargs), rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_without_outputs_fails_as_torch() -> None:
