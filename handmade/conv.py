@@ -96,12 +96,13 @@ MIN_ROW_BUFFER = 1 << 17
 UNSPLIT_BUFFER = 3 << 17
 # Output pixels per sample from which the full-im2col forward runs one GEMM per sample.
 PER_SAMPLE_COLUMNS = 512
-# One sample's full im2col of up to this many elements (4 MB of float32) is built and
+# One sample's full im2col of up to this many elements (4 MB of float32) may be built and
 # multiplied one sample at a time in NCHW (:func:`sample_columns`).  Forward at 2 threads,
 # batch 4 (10th percentile of 16 interleaved blocks), against the channels-last full
 # columns: ResNet 64->128/2 1.36 / 1.47 ms (torch 1.07), 128@28 2.28 / 2.46 (1.89), the
-# dilated 64@28 0.77 / 0.90 (0.50); 64@56, a sample's columns 1.8M elements, 2.92 / 2.83;
-# 256@14, 128->256/2 and 256@7 (196 and 49 output pixels) 1.2-1.7x the time.
+# dilated 64@28 0.77 / 0.90 (0.50) -- those two over the memory target at batch 4; 64@56, a
+# sample's columns 1.8M elements, 2.92 / 2.83; 256@14, 128->256/2 and 256@7 (196 and 49
+# output pixels) 1.2-1.7x the time.
 SAMPLE_COLUMNS_MAX = 1 << 20
 # Kernel rows thinner than this (``C/g*kW``: LeNet's first layer, 5) make GEMMs over the
 # whole batch far below peak (measured): such stride-1 convs run one GEMM per sample and
@@ -703,7 +704,7 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if depthwise(w.shape, groups):
         return depthwise_correlate(x, w, stride, padding, dilation, (oh, ow), bias)
-    if sample_columns(w.shape, groups, (oh, ow), x, w):
+    if sample_columns(x.shape, w.shape, groups, padding, (oh, ow), x, w):
         return _correlate_sample_columns(x, w, stride, padding, dilation, bias, (oh, ow))
     if use_phase_rows(w.shape, groups, x, w):
         full, chunks = channels_last_chunks(x.shape, w.shape, stride, padding, dilation, (oh, ow))
@@ -1377,20 +1378,36 @@ def _correlate_columns(
 
 
 def sample_columns(
-    w_shape: torch.Size, groups: int, out_hw: tuple[int, int], *operands: torch.Tensor
+    x_shape: torch.Size,
+    w_shape: torch.Size,
+    groups: int,
+    padding: Pad4,
+    out_hw: tuple[int, int],
+    *operands: torch.Tensor,
 ) -> bool:
     """Whether a conv's forward runs one oneDNN product per sample on that sample's NCHW
     columns (:func:`_correlate_sample_columns`): ungrouped, more than one tap, at least
     ``PER_SAMPLE_COLUMNS`` output pixels, one sample's columns within
     ``SAMPLE_COLUMNS_MAX`` elements and a product of at least ``ONEDNN_MIN_MACS``
-    (:func:`_gemm.onednn_gemm`'s size), where oneDNN multiplies (:func:`_gemm.onednn_ready`).
-    """
+    (:func:`_gemm.onednn_gemm`'s size), where oneDNN multiplies (:func:`_gemm.onednn_ready`)
+    -- and where its buffers fit: the padded input, the output, and a sample's columns and
+    product, the columns twice (oneDNN re-lays out its column-major operand: measured), within
+    1.9x what torch's own forward keeps alive (input, output and kernel; as
+    :func:`full_column_budget`).  At batch 4 that takes ResNet 64->128/2 (1.77x torch's
+    peak) and leaves 128@28 and the dilated 64@28 (2.91x and 3.23x) on the channels-last
+    layouts."""
+    n, c, h, wd = x_shape
     o, cg, kh, kw = w_shape
     pixels = out_hw[0] * out_hw[1]
     k = cg * kh * kw
     if groups != 1 or kh * kw == 1 or pixels < PER_SAMPLE_COLUMNS:
         return False
     if k * pixels > SAMPLE_COLUMNS_MAX or o * k * pixels < gemm.ONEDNN_MIN_MACS:
+        return False
+    top, bottom, left, right = padding
+    output = n * o * pixels
+    buffers = n * c * (h + top + bottom) * (wd + left + right) + 2 * k * pixels + o * pixels
+    if buffers + output > 1.9 * (n * c * h * wd + output + o * k):
         return False
     return gemm.onednn_ready(*operands)
 

@@ -327,7 +327,7 @@ def test_sample_columns_match_torch(
 ) -> None:
     """The per-sample NCHW columns: the forward runs them, once; output and gradients are
     torch's (float64)."""
-    monkeypatch.setattr(conv, "sample_columns", lambda _w_shape, groups, *_: groups == 1)
+    monkeypatch.setattr(conv, "sample_columns", lambda _x, _w, groups, *_: groups == 1)
     x_shape, w_shape, kwargs = SAMPLE_COLUMN_CASES[case]
     gen = torch.Generator().manual_seed(0)
     x, w, b = (
@@ -351,29 +351,31 @@ def test_sample_columns_match_torch(
     ("x_shape", "w_shape", "stride", "dilation", "picked"),
     [
         ((4, 64, 56, 56), (128, 64, 3, 3), 2, 1, True),
-        ((4, 128, 28, 28), (128, 128, 3, 3), 1, 1, True),
-        ((4, 64, 28, 28), (64, 64, 3, 3), 1, 2, True),
-        ((4, 64, 56, 56), (64, 64, 3, 3), 1, 1, False),  # a sample's columns: 1.8M elements
+        ((16, 128, 28, 28), (128, 128, 3, 3), 1, 1, True),
+        ((4, 128, 28, 28), (128, 128, 3, 3), 1, 1, False),  # buffers 2.8M > 1.9 x 0.95M
+        ((4, 64, 28, 28), (64, 64, 3, 3), 1, 2, False),  # buffers 1.4M > 1.9 x 0.44M
+        ((32, 64, 56, 56), (64, 64, 3, 3), 1, 1, False),  # a sample's columns: 1.8M elements
         ((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, False),  # 196 output pixels
         ((64, 1, 28, 28), (6, 1, 5, 5), 1, 1, False),  # LeNet conv1: a 118k-MAC product
     ],
-    ids=["ResNet 64->128/2", "ResNet 128@28", "dilated 64@28", "ResNet 64@56", "256@14", "LeNet"],
+    ids=["64->128/2", "128@28 b16", "128@28 b4", "dilated", "64@56", "256@14", "LeNet conv1"],
 )
 def test_sample_columns_where_a_sample_is_one_large_product(
     x_shape: tuple, w_shape: tuple, stride: int, dilation: int, picked: bool, spy: list[str]
 ) -> None:
     """float32 convs take the per-sample columns where a sample's output is wide, its
-    columns within ``SAMPLE_COLUMNS_MAX`` and its product large enough for oneDNN (and
-    oneDNN is there); float64 and grouped convs never.  Run on one small batch of the
-    picked geometry, its output is torch's."""
-    x, w = torch.randn(x_shape), torch.randn(w_shape)
-    size = (x_shape[2] + 2 * dilation - 2 * dilation - 1) // stride + 1
+    columns within ``SAMPLE_COLUMNS_MAX``, its product large enough for oneDNN (and oneDNN
+    is there) and the buffers within 1.9x what torch's forward keeps; float64 and grouped
+    convs never.  Run on a picked geometry, the output is torch's."""
+    x, w = torch.empty(x_shape), torch.empty(w_shape)
+    size = (x_shape[2] - 1) // stride + 1  # (padding = dilation: same size, or halved)
+    pad = (dilation,) * 4
     expected = picked and gemm.onednn_ready(x, w)
-    assert conv.sample_columns(w.shape, 1, (size, size), x, w) == expected
-    assert not conv.sample_columns(w.shape, 1, (size, size), x.double(), w.double())
-    assert not conv.sample_columns(w.shape, 2, (size, size), x, w)
+    assert conv.sample_columns(x.shape, w.shape, 1, pad, (size, size), x, w) == expected
+    assert not conv.sample_columns(x.shape, w.shape, 1, pad, (size, size), x.double(), w.double())
+    assert not conv.sample_columns(x.shape, w.shape, 2, pad, (size, size), x, w)
     if picked:
-        x, b = x[:2], torch.randn(w_shape[0])
+        x, w, b = torch.randn(x_shape), torch.randn(w_shape), torch.randn(w_shape[0])
         kwargs: dict[str, Any] = dict(stride=stride, padding=dilation, dilation=dilation)
         y = H.conv2d(x, w, b, **kwargs)
         assert spy == ["_correlate_sample_columns"] * expected
