@@ -337,14 +337,7 @@ def test_sample_columns_match_torch(
     y = H.conv2d(x, w, b, **kwargs)
     assert spy == ["_correlate_sample_columns"]
     upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad(y, (x, w, b), upstream)
-    y_ref = F.conv2d(x, w, b, **kwargs)
-    refs = torch.autograd.grad(y_ref, (x, w, b), upstream)
-    for name, actual, expected in zip(
-        ("y", "dx", "dw", "db"), (y, *grads), (y_ref, *refs), strict=True
-    ):
-        result = compare(name, actual, expected, exact=False)
-        assert result.ok, result.message
+    assert_torch_results((x, w, b), kwargs, y, upstream)
 
 
 @pytest.mark.parametrize(
@@ -436,8 +429,22 @@ def check_layouts(
     # in-place op (ReLU(inplace=True)) raise
     H.conv2d(x, w, b, **kwargs).relu_().sum().backward()
 
-    y_ref = F.conv2d(x, w, b, **kwargs)
-    refs = torch.autograd.grad(y_ref, (x, w, b), upstream)
+    assert_torch_results((x, w, b), kwargs, y, upstream, grads)
+
+
+def assert_torch_results(
+    inputs: tuple[torch.Tensor, ...],
+    kwargs: dict[str, Any],
+    y: torch.Tensor,
+    upstream: torch.Tensor,
+    grads: tuple[torch.Tensor, ...] | None = None,
+) -> None:
+    """``y`` and the gradients of ``upstream`` w.r.t. ``inputs`` (x, w, b; ``grads``, or
+    taken here through ``y``) are torch's ``F.conv2d``'s (float64 tolerance)."""
+    if grads is None:
+        grads = torch.autograd.grad(y, inputs, upstream)
+    y_ref = F.conv2d(*inputs, **kwargs)
+    refs = torch.autograd.grad(y_ref, inputs, upstream)
     for name, actual, expected in zip(
         ("y", "dx", "dw", "db"), (y, *grads), (y_ref, *refs), strict=True
     ):
