@@ -1422,10 +1422,10 @@ def _correlate_sample_columns(
     out_hw: tuple[int, int],
 ) -> torch.Tensor:
     """Formula (1) one sample at a time: ``y[n] = w @ columns(x_p[n]) + b``, the kernel as it
-    is, ``(O, C*kH*kW)``, and the sample's full im2col ``(C*kH*kW, oH*oW)`` (:func:`columns`,
-    read in place by oneDNN as a column-major operand): the product is the sample's NCHW
-    output, nothing to permute, and one sample's columns are small enough to stay in cache
-    between their copy and their product."""
+    is, ``(O, C*kH*kW)``, and the sample's full im2col ``(C*kH*kW, oH*oW)`` (:func:`columns`;
+    oneDNN takes it as a column-major operand and re-lays it out): the product is the
+    sample's NCHW output, nothing to permute, and one sample's columns are small enough to
+    stay in cache between their copy and their product."""
     n = x.shape[0]
     o = w.shape[0]
     oh, ow = out_hw
