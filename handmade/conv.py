@@ -1390,12 +1390,11 @@ def sample_columns(
     ``PER_SAMPLE_COLUMNS`` output pixels, one sample's columns within
     ``SAMPLE_COLUMNS_MAX`` elements and a product of at least ``ONEDNN_MIN_MACS``
     (:func:`_gemm.onednn_gemm`'s size), where oneDNN multiplies (:func:`_gemm.onednn_ready`)
-    -- and where its buffers fit: the padded input, the output, and a sample's columns and
-    product, the columns twice (oneDNN re-lays out its column-major operand: measured), within
-    1.9x what torch's own forward keeps alive (input, output and kernel; as
-    :func:`full_column_budget`).  At batch 4 that takes ResNet 64->128/2 (1.77x torch's
-    peak) and leaves 128@28 and the dilated 64@28 (2.91x and 3.23x) on the channels-last
-    layouts."""
+    -- and where its buffers fit :func:`full_column_budget` (1.9x what torch's own forward
+    keeps alive): the padded input and a sample's columns and product, the columns twice
+    (oneDNN re-lays out its column-major operand: measured).  At batch 4 that takes ResNet
+    64->128/2 (1.77x torch's peak) and leaves 128@28 and the dilated 64@28 (2.91x and 3.23x)
+    on the channels-last layouts."""
     n, c, h, wd = x_shape
     o, cg, kh, kw = w_shape
     pixels = out_hw[0] * out_hw[1]
@@ -1405,9 +1404,8 @@ def sample_columns(
     if k * pixels > SAMPLE_COLUMNS_MAX or o * k * pixels < gemm.ONEDNN_MIN_MACS:
         return False
     top, bottom, left, right = padding
-    output = n * o * pixels
     buffers = n * c * (h + top + bottom) * (wd + left + right) + 2 * k * pixels + o * pixels
-    if buffers + output > 1.9 * (n * c * h * wd + output + o * k):
+    if buffers > full_column_budget(n * c * h * wd, n * o * pixels, o * k):
         return False
     return gemm.onednn_ready(*operands)
 
