@@ -31,7 +31,12 @@ process, to keep freed memory for reuse -- no ``mmap`` for large blocks, no trim
 performance guide recommends for training. Without it (``system``), whether a pass's output
 lands on pages the kernel must fault in again depends on what the cases before it freed: here
 the same torch depthwise forward took 0.48 ms with no faults and 1.7 ms with 1,024 per call,
-and which side a run penalized changed from run to run. Both sides run under the same setting.
+and which side a run penalized changed from run to run. ``steady`` also asks torch's allocator
+for transparent huge pages on blocks of 2 MiB and more (``THP_MEM_ALLOC_ENABLE=1``, from
+PyTorch's CPU performance tuning guide; :func:`request_huge_pages`): with 4 KiB pages, a pass
+re-reading a buffer of several MiB it has just written ran up to 1.7x slower here depending on
+where the process's pages lay, varying from one process to the next. Both sides run under the
+same setting; the header says which took effect.
 
 Passes: ``fwd`` is an inference forward under :func:`torch.no_grad`; ``fwd+bwd`` is the forward
 with autograd recording, then :func:`torch.autograd.grad` of every tensor that needs a gradient
@@ -53,6 +58,7 @@ import contextlib
 import ctypes
 import datetime
 import logging
+import mmap
 import os
 import platform
 import statistics
@@ -392,6 +398,30 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+# torch's CPU allocator asks the kernel for transparent huge pages (2 MiB) on blocks of 2 MiB
+# and more when this is "1" (PyTorch's CPU performance tuning guide); it reads it once, at its
+# first allocation, and then aligns every block to a page.
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def request_huge_pages() -> bool:
+    """Set ``THP_MEM_ALLOC_ENABLE=1`` for this process (unless it is set already, to any value)
+    and return whether torch's allocator took it up: probed by two fresh blocks, which it then
+    aligns to a page (otherwise to 64 bytes).
+
+    torch reads the variable at the process's first CPU allocation, so this must run before
+    any tensor is made; later, it returns ``False``.  Whether the kernel then hands out huge
+    pages is its own setting (``/sys/kernel/mm/transparent_hugepage/enabled``: ``always`` or
+    ``madvise``).  Here, with 4 KiB pages, a pass that re-reads a buffer of several MiB it has
+    just written ran up to 1.7x slower, depending on where the process's pages happened to
+    lie (ResNet 64@56's dL/dw: 3.0 to 4.6 ms from one process to the next; 3.0-3.1 with huge
+    pages), and torch's own kernels not measurably slower or faster.
+    """
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")
+    page = mmap.PAGESIZE
+    return all(torch.empty(numel).data_ptr() % page == 0 for numel in (3 << 19, 5 << 18))
 
 
 def page_faults_per_call(fn: Pass, calls: int = FAULT_CALLS) -> float | None:
@@ -750,8 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="steady",
         help="steady (default): glibc malloc keeps freed memory for reuse (no mmap, no "
         "trimming; the effect of jemalloc/tcmalloc), so no pass of either side re-faults "
-        "fresh pages -- the noise that dominated some rows here; system: malloc as it is "
-        "(see the faults column). CPU only; glibc only",
+        "fresh pages -- the noise that dominated some rows here -- and torch's allocator "
+        "takes transparent huge pages for blocks of 2 MiB and more (THP_MEM_ALLOC_ENABLE=1, "
+        "unless set otherwise); system: malloc and 4 KiB pages as they are (see the faults "
+        "column). CPU only; glibc and Linux",
     )
     parser.add_argument(
         "--json",
@@ -778,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--min-run-time must be > 0")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    allocator = args.allocator
+    huge_pages = allocator == "steady" and request_huge_pages()  # (before any tensor is made)
     rounds = args.rounds or (1 if args.quick else DEFAULT_ROUNDS)
     threads = args.threads or torch.get_num_threads()  # Timer pins it while timing
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
@@ -791,15 +825,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--filter {args.filter!r} matches no case")
 
     info = machine_info(device, threads)
-    allocator = args.allocator
     if allocator == "steady" and not keep_freed_memory():
         allocator = "system"
         print("--allocator steady: this C library has no mallopt; using it as it is")
+    if args.allocator == "steady" and not huge_pages:
+        print(f"--allocator steady: torch's allocator did not take up {HUGE_PAGES_ENV}=1")
     print(
         f"{info['cpu']} | {info['logical_cpus']} logical CPUs | {threads} torch threads | "
         f"torch {info['torch']} | device {info['device']}"
         + (f" ({info['gpu']})" if "gpu" in info else "")
         + f" | allocator {allocator}"
+        + (" + huge pages" if huge_pages else "")
     )
     print(
         f"ResNet-style shapes at batch {RESNET_BATCH}; fwd = no_grad forward; fwd+bwd = "
@@ -821,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": threads,
                 "device": args.device,
                 "allocator": allocator,
+                "huge_pages": huge_pages,
             },
             "rows": [r.to_json() for r in rows],
             "summary": summary,

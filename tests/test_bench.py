@@ -178,3 +178,41 @@ def test_steady_allocator_stops_refaulting_freed_memory() -> None:
     pages = (64 << 20) // mmap.PAGESIZE
     assert faults["system"] >= pages // 2, faults
     assert faults["steady"] < pages // 20, faults
+
+
+# Run in a fresh interpreter: torch reads THP_MEM_ALLOC_ENABLE once, at its first allocation.
+HUGE_PAGE_PROBE = """
+import os, sys, torch
+from parity import bench
+os.environ.pop(bench.HUGE_PAGES_ENV, None)
+if sys.argv[1] == "late":
+    torch.ones(1)  # torch's allocator has read the (unset) variable already
+print(bench.request_huge_pages(), os.environ[bench.HUGE_PAGES_ENV])
+x = torch.ones(8 << 20)  # 32 MiB, every page touched
+with open("/proc/self/smaps_rollup") as f:
+    print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages")
+def test_request_huge_pages_takes_effect_only_before_the_first_allocation() -> None:
+    """Requested first, torch's allocator takes huge pages (where the kernel grants them:
+    ``madvise`` or ``always``); requested after a tensor exists, it reports that it did not."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    granted = thp.exists() and "[never]" not in thp.read_text()
+    for when, expected in (("first", True), ("late", False)):
+        done = subprocess.run(
+            [sys.executable, "-c", HUGE_PAGE_PROBE, when],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        (taken, value), (huge_kib,) = (line.split() for line in done.stdout.splitlines())
+        assert (taken, value) == (str(expected), "1"), done.stdout
+        if not expected:
+            assert int(huge_kib) == 0, done.stdout
+        elif granted:
+            assert int(huge_kib) >= 2048, done.stdout
