@@ -49,6 +49,7 @@ LAYOUTS = (
     "conv_weight_grad_phase_rows",
     "columns_nhwc",  # per chunk, for each of _correlate_columns_nhwc, its dL/dw
     "conv_weight_grad_columns_nhwc",
+    "conv_weight_grad_columns_nchw",
     "_correlate_sample_columns",
 )
 
@@ -251,14 +252,19 @@ FULL_COLUMNS = {
     "conv_weight_grad_phase_rows": "conv_weight_grad_columns_nhwc",
 }
 
+# ... and with their dL/dw on NCHW columns
+NCHW_WEIGHT_GRAD = {"conv_weight_grad_columns_nhwc": "conv_weight_grad_columns_nchw"}
 
-@pytest.mark.parametrize("full", [False, True], ids=["phase rows", "full columns"])
+
+@pytest.mark.parametrize("layout", ["phase rows", "full columns", "full columns, NCHW dL/dw"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", PHASE_CASES)
 def test_channels_last_layouts_match_torch(
-    case: str, split: bool, full: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
+    case: str, split: bool, layout: str, spy: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(conv, "channels_last_gemms", lambda groups, *_: groups == 1)
+    full, nchw = layout != "phase rows", layout.endswith("NCHW dL/dw")
+    monkeypatch.setattr(conv, "nchw_weight_columns", lambda *_: nchw)
 
     def chunks(x_shape: torch.Size, *_geometry: Any) -> tuple[bool, list[slice]]:
         """The layout under test, in one chunk or one per sample."""
@@ -270,6 +276,11 @@ def test_channels_last_layouts_match_torch(
     if full:
         forward_layout = FULL_COLUMNS[forward_layout]
         backward_layouts = {FULL_COLUMNS.get(name, name) for name in backward_layouts}
+    if nchw:  # dL/dw copies NCHW columns: the backward builds channels-last ones only for a
+        # dL/dx that is the literal correlation (no col2im)
+        backward_layouts = {NCHW_WEIGHT_GRAD.get(name, name) for name in backward_layouts}
+        if "conv_input_grad_columns_nhwc" in backward_layouts:
+            backward_layouts.discard("columns_nhwc")
     check_layouts(
         x_shape, w_shape, kwargs, forward_layout, backward_layouts, split, False, spy, monkeypatch
     )
@@ -659,6 +670,7 @@ def test_weight_grad_contraction_split_among_threads(
         ("Winograd", 2, 256, 3),
         ("phase rows", 2, 256, 3),
         ("full columns", 2, 256, 3),
+        ("full columns, NCHW dL/dw", 2, 256, 3),
         ("1x1 batch-wide", 4, 64, 1),
     ],
 )
@@ -680,8 +692,9 @@ def test_float32_within_tolerance(
         monkeypatch.setattr(conv, "use_phase_rows", lambda *_: False)
         assert conv.use_winograd((256, 256, 3, 3), (1, 1), (1, 1), 1, (14, 14), torch.float32)
     else:
-        full = layout == "full columns"
+        full = layout.startswith("full columns")
         monkeypatch.setattr(conv, "channels_last_chunks", lambda *_: (full, [slice(None)]))
+        monkeypatch.setattr(conv, "nchw_weight_columns", lambda *_: layout.endswith("NCHW dL/dw"))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, 256, 14, 14, generator=gen)
     w = torch.randn(out_channels, 256, kernel, kernel, generator=gen) / (16 * kernel)  # ~unit
@@ -707,6 +720,7 @@ FLOAT32_LAYOUTS = {
     "Winograd": {"winograd_input_tiles"},
     "phase rows": {"phase_rows", "conv_weight_grad_phase_rows"},
     "full columns": {"columns_nhwc", "conv_weight_grad_columns_nhwc"},
+    "full columns, NCHW dL/dw": {"columns_nhwc", "conv_weight_grad_columns_nchw"},
     "1x1 batch-wide": {"_correlate_columns", "conv_weight_grad_columns"},
 }
 
