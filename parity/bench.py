@@ -810,8 +810,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--min-run-time must be > 0")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    allocator = args.allocator
-    huge_pages = allocator == "steady" and request_huge_pages()  # (before any tensor is made)
     rounds = args.rounds or (1 if args.quick else DEFAULT_ROUNDS)
     threads = args.threads or torch.get_num_threads()  # Timer pins it while timing
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
@@ -824,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         if not cases:
             parser.error(f"--filter {args.filter!r} matches no case")
 
+    allocator = args.allocator
+    huge_pages = allocator == "steady" and request_huge_pages()  # (before any tensor is made)
     info = machine_info(device, threads)
     if allocator == "steady" and not keep_freed_memory():
         allocator = "system"
