@@ -144,6 +144,18 @@ def test_page_faults_per_call_counts_fresh_pages() -> None:
     assert bench.page_faults_per_call(lambda: None) < pages // 20
 
 
+def run_fresh_interpreter(script: str, arg: str, huge_pages: bool = True) -> str:
+    """``script`` run with ``arg`` by a new Python interpreter (this checkout importable;
+    ``THP_MEM_ALLOC_ENABLE`` left out unless ``huge_pages``); its stdout."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if not huge_pages:
+        env.pop(bench.HUGE_PAGES_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, arg], capture_output=True, text=True, check=True, env=env
+    )
+    return done.stdout
+
+
 # Run in a fresh interpreter: keep_freed_memory() changes malloc for the whole process.
 ALLOCATION_PROBE = """
 import sys, torch
@@ -163,19 +175,11 @@ print(min(bench.page_faults_per_call(fresh_64_mib, calls=1) for _ in range(10)))
 def test_steady_allocator_stops_refaulting_freed_memory() -> None:
     """Under the system allocator a 64 MiB tensor (above glibc's largest mmap threshold) is
     mapped, and its pages faulted in, on every allocation; under ``steady`` it reuses the heap."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop(bench.HUGE_PAGES_ENV, None)  # (2 MiB pages would fault 512 times less)
     faults = {}
     for allocator in bench.ALLOCATORS:
-        done = subprocess.run(
-            [sys.executable, "-c", ALLOCATION_PROBE, allocator],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        faults[allocator] = float(done.stdout.split()[-1])
+        # (without huge pages, whose 2 MiB pages would fault 512 times less)
+        stdout = run_fresh_interpreter(ALLOCATION_PROBE, allocator, huge_pages=False)
+        faults[allocator] = float(stdout.split()[-1])
     pages = (64 << 20) // mmap.PAGESIZE
     assert faults["system"] >= pages // 2, faults
     assert faults["steady"] < pages // 20, faults
@@ -199,21 +203,13 @@ with open("/proc/self/smaps_rollup") as f:
 def test_request_huge_pages_takes_effect_only_before_the_first_allocation() -> None:
     """Requested first, torch's allocator takes huge pages (where the kernel grants them:
     ``madvise`` or ``always``); requested after a tensor exists, it reports that it did not."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     granted = thp.exists() and "[never]" not in thp.read_text()
     for when, expected in (("first", True), ("late", False)):
-        done = subprocess.run(
-            [sys.executable, "-c", HUGE_PAGE_PROBE, when],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        (taken, value), (huge_kib,) = (line.split() for line in done.stdout.splitlines())
-        assert (taken, value) == (str(expected), "1"), done.stdout
+        stdout = run_fresh_interpreter(HUGE_PAGE_PROBE, when)
+        (taken, value), (huge_kib,) = (line.split() for line in stdout.splitlines())
+        assert (taken, value) == (str(expected), "1"), stdout
         if not expected:
-            assert int(huge_kib) == 0, done.stdout
+            assert int(huge_kib) == 0, stdout
         elif granted:
-            assert int(huge_kib) >= 2048, done.stdout
+            assert int(huge_kib) >= 2048, stdout
