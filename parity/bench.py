@@ -6,10 +6,12 @@ the smallest shape) it reports, per case and pass:
 
 * **time** -- the median of :class:`torch.utils.benchmark.Timer` ``blocked_autorange`` (which
   warms up, repeats until ``--min-run-time`` is spent, pins the thread count and synchronizes
-  CUDA), for torch and for handmade, and the ratio handmade/torch. torch and handmade are timed
-  in ``--rounds`` alternating rounds and each keeps its fastest round, so a slow spell of a
-  shared machine (seen here: the same kernel 2x slower for minutes) hits both alike instead of
-  whichever happened to run during it;
+  CUDA), for torch and for handmade, and the ratio handmade/torch. The timings come in
+  ``--rounds`` rounds spread over the whole sweep -- round ``r`` times every row once, torch
+  and handmade in turn, alternating which goes first -- and each side keeps its fastest round,
+  so a slow spell of a shared machine (seen here: spells of seconds to minutes in which the
+  handmade passes' chains of ops ran up to 1.5x slower, torch's kernels about 1.1x) falls on
+  one round of a row rather than on all of them (:func:`measure_rows`);
 * **peak memory** -- the high-water mark of bytes allocated by the pass above what was live
   when it started. On CUDA: ``torch.cuda.max_memory_allocated()`` after
   ``reset_peak_memory_stats()``, minus ``memory_allocated()`` at the start. On CPU:
@@ -512,6 +514,18 @@ class Row:
         return data
 
 
+def time_round(
+    torch_pass: Pass, candidate_pass: Pass, round_: int, min_run_time: float, threads: int
+) -> tuple[float, float]:
+    """One round of one row: ``(torch_s, candidate_s)``, each pass timed once -- torch first
+    in even rounds, the candidate first in odd ones, so neither always runs second."""
+    if round_ % 2:
+        cand_s = time_pass(candidate_pass, min_run_time, threads)
+        return time_pass(torch_pass, min_run_time, threads), cand_s
+    torch_s = time_pass(torch_pass, min_run_time, threads)
+    return torch_s, time_pass(candidate_pass, min_run_time, threads)
+
+
 def measure(
     case: Case,
     pass_: str,
@@ -520,16 +534,83 @@ def measure(
     threads: int,
     rounds: int = DEFAULT_ROUNDS,
 ) -> Row:
-    """Time and measure torch and the candidate on one case and pass.
+    """Time and measure torch and the candidate on one case and pass, its ``rounds`` rounds
+    back to back (:func:`run` spreads them over the whole sweep instead)."""
+    return measure_rows([(case, pass_)], device, min_run_time, threads, rounds)[0]
 
-    Each is timed ``rounds`` times, alternating, and keeps its fastest round.
+
+def run(
+    cases: Sequence[Case],
+    device: torch.device,
+    min_run_time: float,
+    threads: int,
+    progress: bool = True,
+    rounds: int = DEFAULT_ROUNDS,
+) -> list[Row]:
+    """Measure every case (both passes for ops, one ``step`` for training) with a progress bar."""
+    jobs = [(c, p) for c in cases for p in (("step",) if isinstance(c, TrainCase) else PASSES)]
+    # disable=None: a bar on a terminal, none when stderr is redirected to a file or pipe
+    bar = tqdm(
+        total=len(jobs) * rounds,
+        desc="bench",
+        unit="row",
+        disable=None if progress else True,
+        file=sys.stderr,
+    )
+    with bar:
+        return measure_rows(jobs, device, min_run_time, threads, rounds, bar)
+
+
+def measure_rows(
+    jobs: Sequence[tuple[Case, str]],
+    device: torch.device,
+    min_run_time: float,
+    threads: int,
+    rounds: int = DEFAULT_ROUNDS,
+    bar: Any = None,
+) -> list[Row]:
+    """One :class:`Row` per ``(case, pass)`` job, timed in ``rounds`` rounds over all the jobs.
+
+    Round ``r`` times every job once (:func:`time_round`), and each side of a row keeps its
+    fastest round.  The rounds of a row are thus a whole sweep apart rather than back to
+    back: on this project's shared 2-vCPU machines, spells of seconds to minutes in which
+    every handoff of a buffer from one op to the next costs more (a strided copy, a batched
+    product and a permute in a chain took 1.5x the sum of the three timed alone, against
+    1.03-1.10x outside them) slowed a chain of element-wise ops and products -- the
+    handmade passes -- by up to 1.5x, torch's single kernels by about 1.1x; back to back, all
+    of a row's rounds fell in the same spell.  Faults and peak memory are measured in the
+    last round.
     """
-    torch_pass, candidate_pass = build_passes(case, pass_, device)
-    torch_pass(), candidate_pass()  # warm-up (first-call allocations, lazy init)
-    torch_s = cand_s = float("inf")
-    for _ in range(rounds):
-        torch_s = min(torch_s, time_pass(torch_pass, min_run_time, threads))
-        cand_s = min(cand_s, time_pass(candidate_pass, min_run_time, threads))
+    best = [[float("inf"), float("inf")] for _ in jobs]
+    rows = []
+    for round_ in range(rounds):
+        for k, (case, pass_) in enumerate(jobs):
+            if bar is not None:
+                bar.set_postfix_str(f"{case.name} {pass_} (round {round_ + 1}/{rounds})")
+            torch_pass, candidate_pass = build_passes(case, pass_, device)
+            torch_pass(), candidate_pass()  # warm-up (first-call allocations, lazy init)
+            times = time_round(torch_pass, candidate_pass, round_, min_run_time, threads)
+            best[k] = [min(old, new) for old, new in zip(best[k], times, strict=True)]
+            if round_ == rounds - 1:
+                row = _row(case, pass_, device, threads, (torch_pass, candidate_pass), *best[k])
+                rows.append(row)
+            if bar is not None:
+                bar.update()
+    return rows
+
+
+def _row(
+    case: Case,
+    pass_: str,
+    device: torch.device,
+    threads: int,
+    passes: tuple[Pass, Pass],
+    torch_s: float,
+    cand_s: float,
+) -> Row:
+    """The row of one job from its best times, with page faults and peak memory measured
+    on its ``(torch, candidate)`` passes."""
+    torch_pass, candidate_pass = passes
     is_reference = isinstance(case, OpCase) and case.reference
     on_cpu = device.type == "cpu"  # (a GPU pass's time does not wait on host page faults)
     with intra_op_threads(threads):  # as while timed (the Timer pins it)
@@ -556,25 +637,6 @@ def measure(
         torch_faults=torch_faults,
         handmade_faults=cand_faults,
     )
-
-
-def run(
-    cases: Sequence[Case],
-    device: torch.device,
-    min_run_time: float,
-    threads: int,
-    progress: bool = True,
-    rounds: int = DEFAULT_ROUNDS,
-) -> list[Row]:
-    """Measure every case (both passes for ops, one ``step`` for training) with a progress bar."""
-    jobs = [(c, p) for c in cases for p in (("step",) if isinstance(c, TrainCase) else PASSES)]
-    rows = []
-    # disable=None: a bar on a terminal, none when stderr is redirected to a file or pipe
-    bar = tqdm(jobs, desc="bench", unit="row", disable=None if progress else True, file=sys.stderr)
-    for case, pass_ in bar:
-        bar.set_postfix_str(f"{case.name} {pass_}")
-        rows.append(measure(case, pass_, device, min_run_time, threads, rounds))
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,8 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="R",
-        help=f"time torch and handmade in R alternating rounds, keeping each one's fastest "
-        f"(default: {DEFAULT_ROUNDS}, or 1 with --quick)",
+        help=f"time every row in R rounds spread over the sweep (torch and handmade in turn), "
+        f"keeping each side's fastest (default: {DEFAULT_ROUNDS}, or 1 with --quick)",
     )
     parser.add_argument(
         "--allocator",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -94,7 +95,8 @@ def test_bad_arguments_exit_with_usage_error(argv: list[str]) -> None:
 
 
 def test_rounds_alternate_and_keep_each_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch and handmade are timed in turn, round after round; each keeps its minimum."""
+    """torch and handmade are timed in turn, round after round, alternating which goes
+    first; each keeps its minimum."""
 
     def torch_pass() -> torch.Tensor:
         return torch.ones(8)
@@ -113,8 +115,50 @@ def test_rounds_alternate_and_keep_each_fastest(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(bench, "time_pass", fake_time_pass)
     case = bench.quick_cases()[0]
     row = bench.measure(case, "fwd", torch.device("cpu"), 0.01, 1, rounds=3)
-    assert order == [torch_pass, handmade_pass] * 3
+    assert order == [torch_pass, handmade_pass, handmade_pass, torch_pass] + [
+        torch_pass,
+        handmade_pass,
+    ]
     assert (row.torch_s, row.handmade_s, row.ratio) == (2.0, 1.0, 0.5)
+
+
+def test_rounds_are_spread_over_the_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 2 of a row comes after round 1 of every row (torch first, then handmade first),
+    and each row keeps its own fastest time of each side."""
+    calls = []
+
+    def fake_build_passes(case, pass_: str, device: torch.device) -> tuple:
+        return tuple(functools.partial(torch.ones, 1) for _ in "th")
+
+    def fake_time_pass(fn, min_run_time: float, threads: int) -> float:
+        calls.append(fn)
+        return 100.0 - len(calls) if len(calls) % 3 else 1.0  # every third call: a fast one
+
+    monkeypatch.setattr(bench, "build_passes", fake_build_passes)
+    monkeypatch.setattr(bench, "time_pass", fake_time_pass)
+    tagged = {}  # pass -> (row, side), from the passes each build returned
+    real_time_round = bench.time_round
+
+    def recording_time_round(torch_pass, candidate_pass, *args) -> tuple:
+        tagged.setdefault(torch_pass, (len(tagged) // 2, "torch"))
+        tagged.setdefault(candidate_pass, (len(tagged) // 2, "handmade"))
+        return real_time_round(torch_pass, candidate_pass, *args)
+
+    monkeypatch.setattr(bench, "time_round", recording_time_round)
+    cases = [c for c in bench.quick_cases() if isinstance(c, bench.OpCase)][:2]
+    rows = bench.run(cases, torch.device("cpu"), 0.01, 1, progress=False, rounds=2)
+    jobs = len(cases) * len(bench.PASSES)
+    assert [row.case for row in rows] == [c.name for c in cases for _ in bench.PASSES]
+    sequence = [tagged[fn] for fn in calls]
+    first = [(k, side) for k in range(jobs) for side in ("torch", "handmade")]
+    second = [(jobs + k, side) for k in range(jobs) for side in ("handmade", "torch")]
+    assert sequence == first + second
+    times = [100.0 - i if i % 3 else 1.0 for i in range(1, len(calls) + 1)]
+    for k, row in enumerate(rows):
+        mine = [t for t, (job, _) in zip(times, sequence, strict=True) if job % jobs == k]
+        sides = [side for job, side in sequence if job % jobs == k]
+        best = {s: min(t for t, side in zip(mine, sides, strict=True) if side == s) for s in sides}
+        assert (row.torch_s, row.handmade_s) == (best["torch"], best["handmade"])
 
 
 def test_cpu_peak_memory_tracks_live_bytes() -> None:
