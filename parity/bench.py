@@ -576,7 +576,7 @@ def measure_rows(
     back: on this project's shared 2-vCPU machines, spells of seconds to minutes in which
     every handoff of a buffer from one op to the next costs more (a strided copy, a batched
     product and a permute in a chain took 1.5x the sum of the three timed alone, against
-    1.03-1.10x outside them) slowed a chain of element-wise ops and products -- the
+    1.0-1.1x outside them) slowed a chain of element-wise ops and products -- the
     handmade passes -- by up to 1.5x, torch's single kernels by about 1.1x; back to back, all
     of a row's rounds fell in the same spell.  Faults and peak memory are measured in the
     last round.
