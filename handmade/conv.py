@@ -709,12 +709,12 @@ def correlate(
     if depthwise(w.shape, groups):
         return depthwise_correlate(x, w, stride, padding, dilation, (oh, ow), bias)
     if sample_columns(x.shape, w.shape, groups, padding, (oh, ow), x, w):
-        return _correlate_sample_columns(x, w, stride, padding, dilation, bias, (oh, ow))
+        geo = ConvGeometry(stride, padding, dilation, groups)
+        return _correlate_sample_columns(x, w, geo, bias, (oh, ow))
     if use_phase_rows(w.shape, groups, x, w):
         full, chunks = channels_last_chunks(x.shape, w.shape, stride, padding, dilation, (oh, ow))
-        if full:
-            return _correlate_columns_nhwc(x, w, stride, padding, dilation, bias, (oh, ow), chunks)
-        return _correlate_phase_rows(x, w, stride, padding, dilation, bias, (oh, ow), chunks)
+        layout = _correlate_columns_nhwc if full else _correlate_phase_rows
+        return layout(x, w, ConvGeometry(stride, padding, dilation, groups), bias, (oh, ow), chunks)
     if use_winograd(w.shape, stride, dilation, groups, (oh, ow), x.dtype):
         return winograd_correlate(x, w, padding, bias)
     per_sample = per_sample_rows(w.shape, stride)
@@ -977,12 +977,7 @@ def wide_rows(w_shape: torch.Size, groups: int) -> bool:
 
 
 def phase_rows(
-    x: torch.Tensor,
-    padding: Pad4,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    out_hw: tuple[int, int],
+    x: torch.Tensor, kernel: tuple[int, int], geo: ConvGeometry, out_hw: tuple[int, int]
 ) -> torch.Tensor:
     """The width-only im2col, channels-last and split by row phase: ``(sH, R, n, oW, kW*C)``.
 
@@ -995,9 +990,9 @@ def phase_rows(
     """
     n, c, h, wd = x.shape
     kh, kw = kernel
-    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
+    (sh, sw), (dh, dw), (oh, ow) = geo.stride, geo.dilation, out_hw
     r = phase_row_count(kh, sh, dh, oh)
-    top, _, left, right = padding
+    top, _, left, right = geo.padding
     xp = padded_nhwc(x, (top, sh * r - h - top, left, right))  # (n, sH*R, Wp, C)
     st = xp.stride()
     size = (sh, r, n, ow, kw, c)
@@ -1055,9 +1050,7 @@ def phase_weight_rows(w: torch.Tensor) -> torch.Tensor:
 def _correlate_phase_rows(
     x: torch.Tensor,
     w: torch.Tensor,
-    stride: tuple[int, int],
-    padding: Pad4,
-    dilation: tuple[int, int],
+    geo: ConvGeometry,
     bias: torch.Tensor | None,
     out_hw: tuple[int, int],
     chunks: list[slice],
@@ -1069,11 +1062,11 @@ def _correlate_phase_rows(
     within :func:`phase_row_chunks` (``chunks``: :func:`channels_last_chunks`)."""
     n = x.shape[0]
     o, _, kh, kw = w.shape
-    (dh, _), (oh, ow) = dilation, out_hw
+    (dh, _), (oh, ow) = geo.dilation, out_hw
     w_rows = phase_weight_rows(w)
 
     def phase_chunk(_out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
-        buf = phase_rows(x_part, padding, (kh, kw), stride, dilation, out_hw)
+        buf = phase_rows(x_part, (kh, kw), geo, out_hw)
         y = None
         for i in range(kh):
             m_i = phase_kernel_row(buf, i, dh, oh)
@@ -1094,7 +1087,7 @@ def conv_weight_grad_phase_rows(
     dh = geo.dilation[0]
     dw_rows = [None] * kh  # dw_rows[i][o, (j, c)] = dw[o, c, i, j]
     for part in chunks:
-        buf = phase_rows(x[part], geo.padding, (kh, kw), geo.stride, geo.dilation, (oh, ow))
+        buf = phase_rows(x[part], (kh, kw), geo, (oh, ow))
         g_rows = gradient_rows(g[part], 1)[0]  # g[o, (p, n, q)]
         for i in range(kh):
             m_i = phase_kernel_row(buf, i, dh, oh)
@@ -1103,22 +1096,17 @@ def conv_weight_grad_phase_rows(
 
 
 def columns_nhwc(
-    x: torch.Tensor,
-    padding: Pad4,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    out_hw: tuple[int, int],
+    x: torch.Tensor, kernel: tuple[int, int], geo: ConvGeometry, out_hw: tuple[int, int]
 ) -> torch.Tensor:
     """Full im2col, channels-last: every window of the padded ``x`` as one row,
     ``(n*oH*oW, kH*kW*C)``,
     ``cols[(n, p, q), (i, j, c)] = x_p[n, c, p*sH + i*dH, q*sW + j*dW]`` -- a channels-last
-    padded copy (negative ``padding`` crops), then one copy out of a strided view of it,
+    padded copy (negative ``geo.padding`` crops), then one copy out of a strided view of it,
     whose innermost runs are ``C`` contiguous values on both sides."""
     n, c = x.shape[:2]
     kh, kw = kernel
-    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
-    xp = padded_nhwc(x, padding)
+    (sh, sw), (dh, dw), (oh, ow) = geo.stride, geo.dilation, out_hw
+    xp = padded_nhwc(x, geo.padding)
     st = xp.stride()
     size = (n, oh, ow, kh, kw, c)
     strides = (st[0], sh * st[1], sw * st[2], dh * st[1], dw * st[2], st[3])
@@ -1204,9 +1192,7 @@ def full_column_budget(input_numel: int, output_numel: int, weight_numel: int) -
 def _correlate_columns_nhwc(
     x: torch.Tensor,
     w: torch.Tensor,
-    stride: tuple[int, int],
-    padding: Pad4,
-    dilation: tuple[int, int],
+    geo: ConvGeometry,
     bias: torch.Tensor | None,
     out_hw: tuple[int, int],
     chunks: list[slice],
@@ -1219,7 +1205,7 @@ def _correlate_columns_nhwc(
     w_taps = tap_major_kernel(w)
 
     def columns_chunk(_out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
-        cols = columns_nhwc(x_part, padding, (kh, kw), stride, dilation, out_hw)
+        cols = columns_nhwc(x_part, (kh, kw), geo, out_hw)
         y = gemm.linear(cols, w_taps, bias)
         return y.view(x_part.shape[0], oh, ow, o).permute(0, 3, 1, 2)  # (n, O, oH, oW)
 
@@ -1236,7 +1222,7 @@ def conv_weight_grad_columns_nhwc(
     oh, ow = g.shape[-2:]
     dw = None  # dw[o, (i, j, c)]
     for part in chunks:
-        cols = columns_nhwc(x[part], geo.padding, (kh, kw), geo.stride, geo.dilation, (oh, ow))
+        cols = columns_nhwc(x[part], (kh, kw), geo, (oh, ow))
         g_rows = g[part].transpose(0, 1).reshape(o, -1)  # g[o, (n, p, q)]
         dw = gemm.linear(g_rows, cols.mT, add=dw)
     return dw.view(o, kh, kw, c).permute(0, 3, 1, 2).reshape(w_shape)
@@ -1455,9 +1441,7 @@ def sample_columns(
 def _correlate_sample_columns(
     x: torch.Tensor,
     w: torch.Tensor,
-    stride: tuple[int, int],
-    padding: Pad4,
-    dilation: tuple[int, int],
+    geo: ConvGeometry,
     bias: torch.Tensor | None,
     out_hw: tuple[int, int],
 ) -> torch.Tensor:
@@ -1470,10 +1454,10 @@ def _correlate_sample_columns(
     o = w.shape[0]
     oh, ow = out_hw
     w_flat = w.reshape(o, -1)
-    xp = _pad(x, padding)
+    xp = _pad(x, geo.padding)
     out = x.new_empty(n, o, oh, ow)
     for k in range(n):
-        cols = columns(xp[k : k + 1], w.shape[2:], stride, dilation, out_hw, 1)[0, 0]
+        cols = columns(xp[k : k + 1], w.shape[2:], geo.stride, geo.dilation, out_hw, 1)[0, 0]
         y = gemm.linear(w_flat, cols.mT).view(o, oh, ow)
         if bias is None:
             out[k].copy_(y)
