@@ -53,15 +53,19 @@ LAYOUTS = (
     "_correlate_sample_columns",
 )
 
-# name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts
-CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str]]] = {
-    "thin rows (LeNet conv1): forward stacked, dL/dw per sample": (
+# name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts (or a
+# pair of them: with the batch whole, and with it split into chunks)
+CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str] | tuple[set[str], set[str]]]] = {
+    "thin rows (LeNet conv1): forward stacked, dL/dw stacked g-first whole, else per sample": (
         (5, 1, 12, 12),
         (3, 1, 5, 5),
         dict(padding=2),
         "_correlate_stacked_rows",
         # dL/dx: the literal correlation, whose rotated kernel (rows 3 channels x 5) stacks
-        {"_correlate_stacked_rows", "conv_weight_grad_sample_rows"},
+        (
+            {"_correlate_stacked_rows", "conv_weight_grad_stacked_rows"},
+            {"_correlate_stacked_rows", "conv_weight_grad_sample_rows"},
+        ),
     ),
     "thin rows, per sample, groups + dilation + width stride": (
         (5, 4, 11, 12),
@@ -209,7 +213,12 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_each_layout_matches_torch(
     case: str, split: bool, spy: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    check_layouts(*CASES[case], split, case in UNBUFFERED, spy, monkeypatch)
+    *geometry, forward_layout, backward_layouts = CASES[case]
+    if isinstance(backward_layouts, tuple):
+        backward_layouts = backward_layouts[split]
+    check_layouts(
+        *geometry, forward_layout, backward_layouts, split, case in UNBUFFERED, spy, monkeypatch
+    )
 
 
 # The channels-last layouts (phase rows, NHWC col2im) run where oneDNN multiplies (float32
