@@ -41,8 +41,9 @@ Where each is computed:
         the same buffers: :func:`conv_weight_grad_columns_nhwc` (or, transposed, on NCHW
         columns: :func:`conv_weight_grad_columns_nchw`), :func:`conv_weight_grad_phase_rows`,
         :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
-        :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_stacked_rows`.
-        Depthwise kernels: (3) and (4) together from one table of ``g``'s rows, (4) as one
+        :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_stacked_rows` -- the
+        last on the forward's own row buffer, which a forward whose weight needs a
+        gradient keeps for it (:class:`Conv2dFunction`).  Depthwise kernels: (3) and (4) together from one table of ``g``'s rows, (4) as one
         ``embedding_bag`` (:func:`depthwise_grads`).
     (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
         call to :func:`correlate`) for size-preserving convs; otherwise the same sum as the
@@ -61,6 +62,7 @@ again (double backward); the forward-mode rule uses bilinearity:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -688,6 +690,7 @@ def correlate(
     dilation: tuple[int, int],
     groups: int,
     bias: torch.Tensor | None = None,
+    keep: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Formula (1) on a batched input, zero-padded by ``padding``.
 
@@ -699,6 +702,9 @@ def correlate(
     (:func:`stacked_rows`), or it is one GEMM over full im2col columns (:func:`use_columns`
     picks).  The padded input and its buffer are built for a chunk of the batch at a time
     (:func:`batch_chunks`), so they stay within what torch's own kernels keep alive.
+
+    ``keep``: a list to which a stacked forward run in one chunk appends its row buffer,
+    which the weight gradient contracts again (:func:`conv_weight_grad_stacked_rows`).
     """
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
@@ -729,7 +735,7 @@ def correlate(
             (n, o, oh, ow),
             x,
         )
-    # thin rows too: their forward stacks, their dL/dw stays per sample
+    # thin rows too: their forward stacks, their dL/dw stays per sample but at small batches
     stacked = stacked_rows(w.shape, dilation, groups)
     if stacked:  # one GEMM per output row, over all kernel rows
         w_rows = w.permute(0, 2, 1, 3).reshape(o, kh * cg * kw)  # w[o, (i, c, j)]
@@ -739,7 +745,10 @@ def correlate(
     def rows_chunk(out: torch.Tensor | None, x_part: torch.Tensor) -> torch.Tensor:
         xp = _pad(x_part, padding)
         if stacked:
-            y = _correlate_stacked_rows(xp, w_rows, kw, stride, dw, bias, (oh, ow))
+            rows = row_windows(xp, kw, dw, sw, ow, order="height")
+            if keep is not None and x_part is x:  # (one chunk: the whole batch's buffer)
+                keep.append(rows)
+            y = _correlate_stacked_rows(rows, w_rows, stride, bias, (oh, ow))
             return y.view(oh, o, -1, ow).permute(2, 1, 0, 3)  # (n, O, oH, oW)
         if per_sample:  # (n, O, oH, oW) directly
             return _correlate_sample_rows(xp, w_rows, kw, sw, dilation, bias, (oh, ow), out)
@@ -924,11 +933,9 @@ def row_runs(
 
 
 def _correlate_stacked_rows(
-    xp: torch.Tensor,
+    rows: torch.Tensor,
     w_flat: torch.Tensor,
-    kw: int,
     stride: tuple[int, int],
-    dw: int,
     bias: torch.Tensor | None,
     out_hw: tuple[int, int],
 ) -> torch.Tensor:
@@ -939,11 +946,12 @@ def _correlate_stacked_rows(
     contiguous run: the windows of every output row are one overlapping strided view
     ``(oH, kH*C*kW, n*oW)`` of the buffer, no copy, and one batched GEMM with the kernel
     as ``w_flat[o, (i, c, j)]`` contracts each over ``(i, c, j)`` at once.
+
+    ``rows``: the chunk's buffer, :func:`row_windows` of the padded input in that order.
     """
-    n = xp.shape[0]
+    n = rows.shape[3]
     o, k = w_flat.shape
-    (sh, sw), (oh, ow) = stride, out_hw
-    rows = row_windows(xp, kw, dw, sw, ow, order="height")
+    sh, (oh, ow) = stride[0], out_hw
     kh = k // (rows.shape[1] * rows.shape[2])  # k = kH*C*kW
     windows = row_runs(rows, oh, kh, sh)  # (oH, k, n*oW): rows p*sH + i
     w_b = w_flat.expand(oh, o, k)
@@ -1474,10 +1482,15 @@ def _pad(x: torch.Tensor, pad: Pad4) -> torch.Tensor:
 
 
 def conv_forward(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: ConvGeometry
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    geo: ConvGeometry,
+    keep: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Formula (1): ``y = correlate(pad(x), w) + b`` on a batched input."""
-    return correlate(x, w, geo.stride, geo.padding, geo.dilation, geo.groups, b)
+    """Formula (1): ``y = correlate(pad(x), w) + b`` on a batched input (``keep``: see
+    :func:`correlate`)."""
+    return correlate(x, w, geo.stride, geo.padding, geo.dilation, geo.groups, b, keep)
 
 
 def gradient_rows(g: torch.Tensor, groups: int) -> torch.Tensor:
@@ -1765,12 +1778,17 @@ def conv_weight_grad(
     g: torch.Tensor,
     w_shape: torch.Size,
     geo: ConvGeometry,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3): dL/dw, the correlation of the padded input with ``g``, in the GEMM
     layout the forward uses for this shape (or its NCHW twin,
     :func:`conv_weight_grad_columns_nchw`): :func:`winograd_weight_grad`,
     :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_columns` or
-    :func:`conv_weight_grad_rows`."""
+    :func:`conv_weight_grad_rows`.  ``rows``: the stacked forward's row buffer of ``x``
+    (:func:`correlate`'s ``keep``), reused where :func:`stacked_weight_grad`."""
+    if stacked_weight_grad(x, g, w_shape, geo):
+        thin = per_sample_rows(w_shape, geo.stride)  # (only small batches stack: LeNet conv1)
+        return conv_weight_grad_stacked_rows(x, g, w_shape, geo, g_first=thin, rows=rows)
     if use_phase_rows(w_shape, geo.groups, x, g):
         out_hw = tuple(g.shape[-2:])
         full, chunks = channels_last_chunks(
@@ -1784,15 +1802,30 @@ def conv_weight_grad(
     if use_winograd(w_shape, geo.stride, geo.dilation, geo.groups, tuple(g.shape[-2:]), x.dtype):
         return winograd_weight_grad(x, g, w_shape, geo.padding)
     if per_sample_rows(w_shape, geo.stride):
-        small_batch = x.shape[0] * sample_row_buffer(x, g, w_shape, geo) <= UNSPLIT_BUFFER
-        if small_batch and stacked_rows(w_shape, geo.dilation, geo.groups):
-            return conv_weight_grad_stacked_rows(x, g, w_shape, geo, g_first=True)
         return conv_weight_grad_sample_rows(x, g, w_shape, geo)
     if use_columns(x.shape, w_shape, tuple(g.shape[-2:]), geo.stride, geo.padding):
         return conv_weight_grad_columns(x, g, w_shape, geo)
-    if stacked_rows(w_shape, geo.dilation, geo.groups):
-        return conv_weight_grad_stacked_rows(x, g, w_shape, geo)
     return conv_weight_grad_rows(x, g, w_shape, geo)
+
+
+def stacked_weight_grad(
+    x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, geo: ConvGeometry
+) -> bool:
+    """Whether :func:`conv_weight_grad` contracts the stacked forward's row buffer
+    (:func:`conv_weight_grad_stacked_rows`): a :func:`stacked_rows` conv that takes
+    neither the channels-last layouts nor Winograd nor full columns -- and, for thin
+    kernel rows, only while the batch's row buffer is within ``UNSPLIT_BUFFER`` (else per
+    sample)."""
+    out_hw = tuple(g.shape[-2:])
+    if not stacked_rows(w_shape, geo.dilation, geo.groups) or use_phase_rows(
+        w_shape, geo.groups, x, g
+    ):
+        return False
+    if use_winograd(w_shape, geo.stride, geo.dilation, geo.groups, out_hw, x.dtype):
+        return False
+    if per_sample_rows(w_shape, geo.stride):
+        return x.shape[0] * sample_row_buffer(x, g, w_shape, geo) <= UNSPLIT_BUFFER
+    return not use_columns(x.shape, w_shape, out_hw, geo.stride, geo.padding)
 
 
 def conv_weight_grad_rows(
@@ -1856,6 +1889,7 @@ def conv_weight_grad_stacked_rows(
     w_shape: torch.Size,
     geo: ConvGeometry,
     g_first: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3) for :func:`stacked_rows` convs, the transpose of
     :func:`_correlate_stacked_rows`: per output row ``p`` one GEMM of its windows (the
@@ -1870,13 +1904,18 @@ def conv_weight_grad_stacked_rows(
     LeNet conv1 at batch 64, 2 threads (10th percentile of 24 interleaved blocks, four
     runs): fwd+bwd 0.50-0.52 ms against 0.52-0.55 per sample (torch: 0.37-0.39); at batch
     128 equal, at 256 1.13-1.17x the time; at 1 thread, batch 64, 0.98-1.0x.
+
+    ``rows``: the forward's buffer of the whole batch, if it kept it (one chunk), instead
+    of building it again.
     """
     o, c, kh, kw = w_shape
     sh, sw, dw = *geo.stride, geo.dilation[1]
     _, _, oh, ow = g.shape
     dw_flat = None  # dw[(i, c, j), o]
-    for part in row_chunks(x, g, w_shape, geo):
-        rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow, order="height")
+    chunks = row_chunks(x, g, w_shape, geo)
+    for part in chunks:
+        if rows is None or len(chunks) > 1:
+            rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow, order="height")
         windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
         if g_first:
             g_rows = g[part].permute(2, 1, 0, 3).reshape(oh, o, -1)  # g[p, o, (n, q)]
@@ -1969,7 +2008,13 @@ class Conv2dFunction(torch.autograd.Function):
     """``y = conv2d(x, w, b)`` with the backward (2)-(4) and forward-mode rule (5).
 
     Takes normalized arguments (see :func:`conv2d`); accepts batched ``(N, C, H, W)`` and
-    unbatched ``(C, H, W)`` input.
+    unbatched ``(C, H, W)`` input.  Where (3) contracts the stacked forward's row buffer
+    again (:func:`stacked_weight_grad`) and :func:`conv2d` says the weight's gradient is
+    wanted, the forward keeps that buffer for the backward (an attribute of ``ctx``), which
+    reads it first and then frees it -- unless the backward is itself differentiated:
+    then (3) is taken from ``x``.  LeNet-5's convs at batch 64, 2 threads (10th percentile
+    of 24 interleaved blocks): fwd+bwd 0.49 against 0.51 ms (conv1) and 0.93 against 0.97
+    (conv2); at 1 thread 0.77 / 0.82 and 1.51 / 1.57.
     """
 
     generate_vmap_rule = True
@@ -1978,13 +2023,26 @@ class Conv2dFunction(torch.autograd.Function):
     def forward(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geo: ConvGeometry
     ) -> torch.Tensor:
+        # kept only where the weight's gradient will be wanted (conv2d says so): keeping
+        # it raises a plain forward's peak memory by the buffer (LeNet conv2's: 2.3x torch's)
+        want, _KEPT.want = getattr(_KEPT, "want", False), False
+        keep = [] if want and gemm.plain_tensors(x, weight) else None
         if x.dim() == 3:
-            return conv_forward(x.unsqueeze(0), weight, bias, geo).squeeze(0)
-        return conv_forward(x, weight, bias, geo)
+            y = conv_forward(x.unsqueeze(0), weight, bias, geo, keep).squeeze(0)
+        else:
+            y = conv_forward(x, weight, bias, geo, keep)
+        # a row buffer the weight gradient reads again: to setup_context, which runs next
+        _KEPT.rows = (y, keep[0]) if keep else None
+        return y
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         x, weight, bias, geo = inputs
+        kept, _KEPT.rows = getattr(_KEPT, "rows", None), None
+        if kept is not None and kept[0] is output and ctx.needs_input_grad[1]:
+            x_b, y_b = (x, output) if x.dim() == 4 else (x.unsqueeze(0), output.unsqueeze(0))
+            if stacked_weight_grad(x_b, y_b, weight.shape, geo):
+                ctx.rows = kept[1]  # (an intermediate: an attribute, freed with the graph)
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
         ctx.geo = geo
@@ -2008,9 +2066,15 @@ class Conv2dFunction(torch.autograd.Function):
             except NotImplementedError:
                 table = False
         if not table:
+            # the forward's row buffer of x, unless this backward is differentiated again
+            # (then dw must be computed from x itself); used first, then freed
+            rows = None if torch.is_grad_enabled() else getattr(ctx, "rows", None)
+            if rows is not None and ctx.needs_input_grad[1]:
+                gw = conv_weight_grad(x, g, weight.shape, geo, rows)  # (3)
+                ctx.rows = rows = None
             if ctx.needs_input_grad[0]:
                 gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
-            if ctx.needs_input_grad[1]:
+            if gw is None and ctx.needs_input_grad[1]:
                 gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
         if gx is not None and unbatched:
             gx = gx.squeeze(0)
@@ -2047,6 +2111,9 @@ class Conv2dFunction(torch.autograd.Function):
 
 
 _Conv2dTwin = legacy_twin(Conv2dFunction)
+# Conv2dFunction.forward's (output, row buffer), read by the setup_context that follows it;
+# and conv2d's word to that forward that the weight's gradient is wanted
+_KEPT = threading.local()
 
 
 # ----------------------------------------------------------------------------- functional
@@ -2162,4 +2229,5 @@ def conv2d(
         (likewise ``W_out``).  The gradient comes from :class:`Conv2dFunction`.
     """
     geo = _conv_geometry(input, weight, bias, stride, padding, dilation, groups)
+    _KEPT.want = weight.requires_grad and torch.is_grad_enabled()
     return apply_function(Conv2dFunction, _Conv2dTwin, input, weight, bias, geo)

@@ -493,6 +493,69 @@ def test_stacked_rows_with_strides(
     assert result.ok, result.message
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "kwargs"),
+    [
+        ((5, 1, 12, 12), (3, 1, 5, 5), dict(padding=2)),  # LeNet conv1's thin rows
+        ((5, 6, 14, 13), (4, 6, 5, 3), dict(dilation=(1, 2))),  # LeNet conv2's stacked rows
+        ((5, 6, 6), (3, 5, 3, 3), dict(padding=1)),  # unbatched (a batch of one inside)
+    ],
+    ids=["thin rows", "stacked rows, width dilation", "unbatched"],
+)
+def test_weight_grad_reads_the_forwards_row_buffer(
+    x_shape: tuple, w_shape: tuple, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the weight gradient contracts the stacked forward's row buffer, a forward that
+    will need it (conv2d, the weight requiring grad) keeps it: the backward builds no
+    buffer of ``x`` again -- not even on a second backward through a retained graph, which
+    builds its own -- and the gradients are torch's; a double backward rebuilds it from
+    ``x`` (so that dL/dw stays differentiable in ``x``); a forward without gradient keeps
+    none (it would raise that forward's peak memory)."""
+    windows = []
+    original = conv.row_windows
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        windows.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "row_windows", counted)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(w_shape[0], generator=gen, dtype=torch.float64, requires_grad=True)
+    x.requires_grad_(x.shape[-3] > 1)  # (LeNet conv1's input needs none)
+    inputs = tuple(t for t in (x, w, b) if t.requires_grad)
+
+    y = H.conv2d(x, w, b, **kwargs)
+    assert len(windows) == 1
+    upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, inputs, upstream, retain_graph=True)
+    assert len(windows) == 1  # the forward's buffer, read again
+    y_ref = F.conv2d(x, w, b, **kwargs)
+    for actual, expected in zip(grads, torch.autograd.grad(y_ref, inputs, upstream), strict=True):
+        torch.testing.assert_close(actual, expected)
+    again = torch.autograd.grad(y, inputs, upstream)  # (the buffer was freed: built again)
+    assert len(windows) == 2
+    for actual, expected in zip(again, grads, strict=True):
+        torch.testing.assert_close(actual, expected)
+
+    windows.clear()
+    y = H.conv2d(x, w, b, **kwargs)
+    (dw,) = torch.autograd.grad(y, w, upstream, create_graph=True)
+    assert len(windows) == 2  # forward, and the double-backward-ready dL/dw
+    assert dw.requires_grad == x.requires_grad
+
+    keeps = []
+    forward = conv.conv_forward
+    monkeypatch.setattr(
+        conv, "conv_forward", lambda *args: keeps.append(args[4] is not None) or forward(*args)
+    )
+    for grad_mode, weight in ((True, w), (False, w), (True, w.detach())):
+        with torch.set_grad_enabled(grad_mode):
+            H.conv2d(x, weight, b, **kwargs)
+    assert keeps == [True, False, False]
+
+
 @pytest.mark.parametrize(("kernel_width", "tables"), [(3, 1), (5, 2)])
 def test_depthwise_table_whole_batch_within_its_budget(
     kernel_width: int, tables: int, spy: list[str], monkeypatch: pytest.MonkeyPatch
