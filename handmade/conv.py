@@ -43,8 +43,9 @@ Where each is computed:
         :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
         :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_stacked_rows` -- the
         last on the forward's own row buffer, which a forward whose weight needs a
-        gradient keeps for it (:class:`Conv2dFunction`).  Depthwise kernels: (3) and (4) together from one table of ``g``'s rows, (4) as one
-        ``embedding_bag`` (:func:`depthwise_grads`).
+        gradient keeps for it (:class:`Conv2dFunction`).  Depthwise kernels: (3) and (4)
+        together from one table of ``g``'s rows, (4) as one ``embedding_bag``
+        (:func:`depthwise_grads`).
     (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
         call to :func:`correlate`) for size-preserving convs; otherwise the same sum as the
         transpose of the forward's GEMMs, :func:`conv_input_grad_columns` (col2im; channels-
