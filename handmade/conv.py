@@ -715,13 +715,13 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if depthwise(w.shape, groups):
         return depthwise_correlate(x, w, stride, padding, dilation, (oh, ow), bias)
+    geo = ConvGeometry(stride, padding, dilation, groups)
     if sample_columns(x.shape, w.shape, groups, padding, (oh, ow), x, w):
-        geo = ConvGeometry(stride, padding, dilation, groups)
         return _correlate_sample_columns(x, w, geo, bias, (oh, ow))
     if use_phase_rows(w.shape, groups, x, w):
         full, chunks = channels_last_chunks(x.shape, w.shape, stride, padding, dilation, (oh, ow))
         layout = _correlate_columns_nhwc if full else _correlate_phase_rows
-        return layout(x, w, ConvGeometry(stride, padding, dilation, groups), bias, (oh, ow), chunks)
+        return layout(x, w, geo, bias, (oh, ow), chunks)
     if use_winograd(w.shape, stride, dilation, groups, (oh, ow), x.dtype):
         return winograd_correlate(x, w, padding, bias)
     per_sample = per_sample_rows(w.shape, stride)
