@@ -122,9 +122,14 @@ THIN_KERNEL_ROW = 8
 # The weight gradient of such a conv stacks its rows too (:func:`conv_weight_grad_stacked_rows`,
 # one batched GEMM instead of one per kernel row): LeNet conv2's, 10th percentile of 60
 # interleaved blocks, 0.67-0.71x the time at batch 64 and 0.83-0.84x at 256 at 2 threads
-# (1 thread: 0.78-0.89x, 0.95-0.98x).  (Thin rows keep theirs per sample: stacked, LeNet
-# conv1's took 1.4-2.2x as long.)
+# (1 thread: 0.78-0.89x, 0.95-0.98x).  Thin rows' weight gradients stack in the other
+# orientation, two output rows per GEMM (:func:`weight_grad_row_pairs`).
 STACKED_ROW_MAX = 64
+# MKL's sgemm (torch's ``bmm`` on the CPU) ran LeNet conv1's weight-gradient products, 12
+# rows by a 1792-long contraction, 1.5x faster with 32 columns than with 30 (2 threads:
+# 120 / 180 us for 14 of them; 25 columns, 28 products of 6 rows: 185 us): the column
+# count :func:`weight_grad_row_pairs` rounds up to a multiple of this.
+GEMM_COLUMN_ALIGN = 16
 # A weight-gradient GEMM whose result has at most this many elements (LeNet's second
 # layer: 16x150; the dilated 64@28 conv: 64x192) but a long contraction runs on one thread
 # (measured); with more intra-op threads its contraction is split among them
@@ -1814,9 +1819,7 @@ def stacked_weight_grad(
 ) -> bool:
     """Whether :func:`conv_weight_grad` contracts the stacked forward's row buffer
     (:func:`conv_weight_grad_stacked_rows`): a :func:`stacked_rows` conv that takes
-    neither the channels-last layouts nor Winograd nor full columns -- and, for thin
-    kernel rows, only while the batch's row buffer is within ``UNSPLIT_BUFFER`` (else per
-    sample)."""
+    neither the channels-last layouts nor Winograd nor full columns."""
     out_hw = tuple(g.shape[-2:])
     if not stacked_rows(w_shape, geo.dilation, geo.groups) or use_phase_rows(
         w_shape, geo.groups, x, g
@@ -1825,7 +1828,7 @@ def stacked_weight_grad(
     if use_winograd(w_shape, geo.stride, geo.dilation, geo.groups, out_hw, x.dtype):
         return False
     if per_sample_rows(w_shape, geo.stride):
-        return x.shape[0] * sample_row_buffer(x, g, w_shape, geo) <= UNSPLIT_BUFFER
+        return True
     return not use_columns(x.shape, w_shape, out_hw, geo.stride, geo.padding)
 
 
@@ -1898,13 +1901,10 @@ def conv_weight_grad_stacked_rows(
     ``p``, all ``oH`` of them in one batched GEMM, then a sum over ``p``:
     ``dw[o, (i, c, j)] = sum_p sum_{n,q} windows[p, (i, c, j), (n, q)] * g[n, o, p, q]``.
 
-    ``g_first``: the transposed orientation, ``g[p] @ windows[p]^T`` -- for thin kernel
-    rows (:func:`conv_weight_grad` picks it for LeNet's first layer while the batch's row
-    buffer is within ``UNSPLIT_BUFFER``: batch 64; 25 taps against 6 output channels), whose
+    ``g_first``: the transposed orientation, ``g[p] @ windows[p]^T``, two output rows per
+    GEMM (:func:`weight_grad_row_pairs`) -- for thin kernel rows (:func:`conv_weight_grad`
+    picks it for LeNet's first layer: 25 taps against 6 output channels), whose
     windows-first products (25 x n*oW x 6) ran ~2x slower than ``g``-first (6 x n*oW x 25).
-    LeNet conv1 at batch 64, 2 threads (10th percentile of 24 interleaved blocks, four
-    runs): fwd+bwd 0.50-0.52 ms against 0.52-0.55 per sample (torch: 0.37-0.39); at batch
-    128 equal, at 256 1.13-1.17x the time; at 1 thread, batch 64, 0.98-1.0x.
 
     ``rows``: the forward's buffer of the whole batch, if it kept it (one chunk), instead
     of building it again.
@@ -1912,20 +1912,71 @@ def conv_weight_grad_stacked_rows(
     o, c, kh, kw = w_shape
     sh, sw, dw = *geo.stride, geo.dilation[1]
     _, _, oh, ow = g.shape
-    dw_flat = None  # dw[(i, c, j), o]
+    dw_flat = None  # g first: dw[o, (i, c, j)]; else dw[(i, c, j), o]
     chunks = row_chunks(x, g, w_shape, geo)
     for part in chunks:
         if rows is None or len(chunks) > 1:
             rows = row_windows(_pad(x[part], geo.padding), kw, dw, sw, ow, order="height")
-        windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
         if g_first:
-            g_rows = g[part].permute(2, 1, 0, 3).reshape(oh, o, -1)  # g[p, o, (n, q)]
-            part_sum = gemm.bmm(g_rows, windows.mT).sum(0).mT
+            part_sum = weight_grad_row_pairs(rows, g[part], kh, sh)
         else:
+            windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
             g_rows = g[part].permute(2, 0, 3, 1).reshape(oh, -1, o)  # g[p, (n, q), o]
             part_sum = gemm.bmm(windows, g_rows).sum(0)
         dw_flat = part_sum if dw_flat is None else dw_flat + part_sum
-    return dw_flat.reshape(kh, c, kw, o).permute(3, 1, 0, 2).reshape(w_shape)
+    if g_first:
+        dw_flat = dw_flat.view(o, kh, c, kw).permute(0, 2, 1, 3)
+    else:
+        dw_flat = dw_flat.view(kh, c, kw, o).permute(3, 1, 0, 2)
+    # contiguous, as the weight is: autograd then keeps it as .grad instead of a copy
+    return dw_flat.contiguous()
+
+
+def weight_grad_row_pairs(rows: torch.Tensor, g: torch.Tensor, kh: int, sh: int) -> torch.Tensor:
+    """Formula (3) on a :func:`row_windows` ``"height"`` buffer, ``g`` first and two output
+    rows per GEMM: ``(O, kH*C*kW)``, ``dw[o, (i, c, j)]``.
+
+    Output rows ``p`` and ``p+1`` read buffer rows ``p*sH`` to ``(p+1)*sH + kH - 1``: one
+    contiguous run of ``(sH + kH)*C*kW`` entries (per column ``(n, q)``).  One GEMM
+    contracts ``g``'s two rows, stacked as ``(2*O, n*oW)``, with that run, widened to a
+    multiple of ``GEMM_COLUMN_ALIGN`` entries (the extra columns read on into the buffer
+    and are dropped); row ``p``'s taps are its first ``kH*C*kW`` columns, row ``p+1``'s
+    start ``sH*C*kW`` later.  The pairs whose widened run ends inside the buffer go in
+    one batched GEMM; the output rows left, one GEMM each, as :func:`row_runs` gives them.
+
+    LeNet conv1, 2 threads (10th percentile of 16 interleaved blocks): dL/dw at batch 64
+    0.18 against 0.22 ms with one output row per GEMM, at 128 0.36 / 0.46 and at 256 (there
+    against one GEMM per sample and kernel row) 0.78 / 0.86; 1 thread: 0.28 / 0.39,
+    1.47 / 1.90 at batch 256.
+    """
+    hp, c, kw, n, ow = rows.shape
+    o, oh = g.shape[1], g.shape[2]
+    k, columns = c * kw, n * ow
+    pairs, width = row_pairs(hp, k, kh, sh, oh)
+    g_rows = g.permute(2, 1, 0, 3).reshape(oh, o, columns)  # g[p, o, (n, q)]
+    dw = None
+    if pairs:
+        runs = rows.as_strided(  # (pairs, width, n*oW): entries from row 2*b*sH on
+            (pairs, width, columns), (2 * sh * k * columns, columns, 1), rows.storage_offset()
+        )
+        both = gemm.bmm(g_rows[: 2 * pairs].reshape(pairs, 2 * o, columns), runs.mT).sum(0)
+        dw = both[:o, : kh * k] + both[o:, sh * k : (sh + kh) * k]
+    if 2 * pairs < oh:  # the rows left, one GEMM each
+        first = 2 * pairs
+        windows = row_runs(rows, oh - first, kh, sh, first=first * sh)
+        rest = gemm.bmm(g_rows[first:], windows.mT).sum(0)
+        dw = rest if dw is None else dw + rest
+    return dw
+
+
+def row_pairs(hp: int, k: int, kh: int, sh: int, oh: int) -> tuple[int, int]:
+    """For :func:`weight_grad_row_pairs` on a buffer of ``hp`` rows of ``k`` entries: how
+    many pairs of output rows go in the batched GEMM, and its width in entries (``(sH +
+    kH)*k`` rounded up to a multiple of ``GEMM_COLUMN_ALIGN``) -- the pairs among the
+    ``oH`` output rows whose run, pair ``b`` from entry ``2*b*sH*k``, ends inside the
+    buffer."""
+    width = -(-(sh + kh) * k // GEMM_COLUMN_ALIGN) * GEMM_COLUMN_ALIGN
+    return max(0, min(oh // 2, (hp * k - width) // (2 * sh * k) + 1)), width
 
 
 def conv_weight_grad_sample_rows(

@@ -12,6 +12,7 @@ compared with torch's in float64.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import pytest
@@ -56,16 +57,20 @@ LAYOUTS = (
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts (or a
 # pair of them: with the batch whole, and with it split into chunks)
 CASES: dict[str, tuple[tuple, tuple, dict[str, Any], str, set[str] | tuple[set[str], set[str]]]] = {
-    "thin rows (LeNet conv1): forward stacked, dL/dw stacked g-first whole, else per sample": (
+    "thin rows (LeNet conv1): forward stacked, dL/dw stacked g-first in row pairs": (
         (5, 1, 12, 12),
         (3, 1, 5, 5),
         dict(padding=2),
         "_correlate_stacked_rows",
         # dL/dx: the literal correlation, whose rotated kernel (rows 3 channels x 5) stacks
-        (
-            {"_correlate_stacked_rows", "conv_weight_grad_stacked_rows"},
-            {"_correlate_stacked_rows", "conv_weight_grad_sample_rows"},
-        ),
+        {"_correlate_stacked_rows", "conv_weight_grad_stacked_rows"},
+    ),
+    "thin rows, odd output height: row pairs, then the rows left one by one": (
+        (2, 1, 9, 7),
+        (2, 1, 3, 3),
+        {},
+        "_correlate_stacked_rows",
+        {"conv_input_grad_stacked_rows", "conv_weight_grad_stacked_rows"},
     ),
     "thin rows, per sample, groups + dilation + width stride": (
         (5, 4, 11, 12),
@@ -491,6 +496,24 @@ def test_stacked_rows_with_strides(
     result = compare("y", H.conv2d(x, w, b, **kwargs), F.conv2d(x, w, b, **kwargs), exact=False)
     assert spy == ["_correlate_stacked_rows"]
     assert result.ok, result.message
+
+
+def test_row_pairs_stay_inside_the_buffer() -> None:
+    """The thin rows' weight gradient batches a pair of output rows while its widened run
+    of the row buffer ends inside the buffer -- every such pair, no other (the rows left
+    go one by one) -- and the width is a multiple of ``GEMM_COLUMN_ALIGN`` holding the
+    pair's windows."""
+    for hp, k, kh, sh in itertools.product(range(1, 20), (1, 3, 5, 16, 30), range(1, 6), (1, 2)):
+        if hp < kh:
+            continue
+        oh = (hp - kh) // sh + 1
+        pairs, width = conv.row_pairs(hp, k, kh, sh, oh)
+        assert width % conv.GEMM_COLUMN_ALIGN == 0 and width >= (sh + kh) * k
+        assert 0 <= pairs <= oh // 2
+        if pairs:  # the last batched pair's run, from entry 2*(pairs-1)*sH*k
+            assert 2 * (pairs - 1) * sh * k + width <= hp * k
+        if pairs < oh // 2:  # the next pair's would not end inside
+            assert 2 * pairs * sh * k + width > hp * k
 
 
 @pytest.mark.parametrize(
