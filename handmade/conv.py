@@ -109,7 +109,7 @@ PER_SAMPLE_COLUMNS = 512
 SAMPLE_COLUMNS_MAX = 1 << 20
 # Kernel rows thinner than this (``C/g*kW``: LeNet's first layer, 5) make GEMMs over the
 # whole batch far below peak (measured): such stride-1 convs run one GEMM per sample and
-# kernel row (:func:`per_sample_rows`).
+# kernel row (:func:`per_sample_rows`), unless their rows stack (``STACKED_ROW_MAX``).
 THIN_KERNEL_ROW = 8
 # Kernel rows narrower than this (``C*kW``: LeNet's second layer, 30) give the per-row GEMMs
 # too short a contraction: an ungrouped conv with no height dilation stacks its ``kH`` rows
@@ -1266,10 +1266,11 @@ def conv_weight_grad_columns_nchw(
 
 
 def per_sample_rows(w_shape: torch.Size, stride: tuple[int, int]) -> bool:
-    """Whether a conv runs per sample (:func:`conv_weight_grad_sample_rows` and, unless
-    its rows stack (:func:`stacked_rows`), :func:`_correlate_sample_rows`): stride 1 down
-    the height and kernel rows thinner than ``THIN_KERNEL_ROW`` (not 1x1: its columns
-    are the input as it is)."""
+    """Whether a conv has thin kernel rows: stride 1 down the height and rows thinner than
+    ``THIN_KERNEL_ROW`` (not 1x1: its columns are the input as it is).  It runs per sample
+    (:func:`_correlate_sample_rows`, :func:`conv_weight_grad_sample_rows`) unless its rows
+    stack (:func:`stacked_rows`); then its weight gradient takes the stacked windows ``g``
+    first (:func:`weight_grad_row_pairs`)."""
     _, cg, kh, kw = w_shape
     return stride[0] == 1 and cg * kw < THIN_KERNEL_ROW and kh * kw > 1
 
@@ -1793,7 +1794,7 @@ def conv_weight_grad(
     :func:`conv_weight_grad_rows`.  ``rows``: the stacked forward's row buffer of ``x``
     (:func:`correlate`'s ``keep``), reused where :func:`stacked_weight_grad`."""
     if stacked_weight_grad(x, g, w_shape, geo):
-        thin = per_sample_rows(w_shape, geo.stride)  # (only small batches stack: LeNet conv1)
+        thin = per_sample_rows(w_shape, geo.stride)  # (LeNet conv1: g first, in row pairs)
         return conv_weight_grad_stacked_rows(x, g, w_shape, geo, g_first=thin, rows=rows)
     if use_phase_rows(w_shape, geo.groups, x, g):
         out_hw = tuple(g.shape[-2:])
