@@ -392,12 +392,14 @@ def test_sample_columns_where_a_sample_is_one_large_product(
     assert conv.sample_columns(x.shape, w.shape, 1, pad, (size, size), x, w) == expected
     assert not conv.sample_columns(x.shape, w.shape, 1, pad, (size, size), x.double(), w.double())
     assert not conv.sample_columns(x.shape, w.shape, 2, pad, (size, size), x, w)
-    if picked:
-        x, w, b = torch.randn(x_shape), torch.randn(w_shape), torch.randn(w_shape[0])
+    if picked:  # (float32 tolerances scaled by the output's size, as parity's compare)
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(s, generator=gen) for s in (x_shape, w_shape, w_shape[:1]))
         kwargs: dict[str, Any] = dict(stride=stride, padding=dilation, dilation=dilation)
         y = H.conv2d(x, w, b, **kwargs)
         assert spy == ["_correlate_sample_columns"] * expected
-        torch.testing.assert_close(y, F.conv2d(x, w, b, **kwargs), rtol=1e-4, atol=1e-4)
+        result = compare("y", y, F.conv2d(x, w, b, **kwargs), exact=False, dtype=torch.float32)
+        assert result.ok, result.message
 
 
 def test_kernel_without_outputs_fails_as_torch() -> None:
@@ -502,8 +504,12 @@ def test_row_pairs_stay_inside_the_buffer() -> None:
     """The thin rows' weight gradient batches a pair of output rows while its widened run
     of the row buffer ends inside the buffer -- every such pair, no other (the rows left
     go one by one) -- and the width is a multiple of ``GEMM_COLUMN_ALIGN`` holding the
-    pair's windows."""
-    for hp, k, kh, sh in itertools.product(range(1, 20), (1, 3, 5, 16, 30), range(1, 6), (1, 2)):
+    pair's windows.  With the rows ``paired_row_padding`` adds (and only the fewest), every
+    pair fits."""
+    kernel_rows = ((1, 1), (1, 3), (1, 5), (2, 8), (6, 5))  # (C, kW): k = C*kW entries a row
+    grid = itertools.product(range(1, 20), kernel_rows, range(1, 6), (1, 2), (0, 2))
+    for h, (c, kw), kh, sh, pad in grid:
+        hp, k = h + 2 * pad, c * kw
         if hp < kh:
             continue
         oh = (hp - kh) // sh + 1
@@ -514,6 +520,36 @@ def test_row_pairs_stay_inside_the_buffer() -> None:
             assert 2 * (pairs - 1) * sh * k + width <= hp * k
         if pairs < oh // 2:  # the next pair's would not end inside
             assert 2 * pairs * sh * k + width > hp * k
+        top, bottom, left, right = conv.paired_row_padding((pad,) * 4, (2, c, kh, kw), sh, h, oh)
+        assert (top, left, right) == (pad,) * 3 and bottom >= pad
+        assert conv.row_pairs(h + top + bottom, k, kh, sh, oh)[0] == oh // 2
+        if bottom > pad:  # one row fewer would not do
+            assert conv.row_pairs(h + top + bottom - 1, k, kh, sh, oh)[0] < oh // 2
+
+
+def test_thin_rows_kept_buffer_holds_every_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LeNet conv1's geometry: the row buffer the forward keeps has the rows its last pair
+    of output rows reads, so the weight gradient batches every pair (none is left to a
+    product of its own), and dL/dw is torch's."""
+    seen = []
+    original = conv.weight_grad_row_pairs
+
+    def spied(rows: torch.Tensor, g: torch.Tensor, kh: int, sh: int) -> torch.Tensor:
+        seen.append((rows.shape, g.shape[2]))
+        return original(rows, g, kh, sh)
+
+    monkeypatch.setattr(conv, "weight_grad_row_pairs", spied)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 12, 12, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 1, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = H.conv2d(x, w, padding=2)
+    upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (dw,) = torch.autograd.grad(y, w, upstream)
+    ((rows_shape, oh),) = seen
+    hp, c, kw = rows_shape[:3]
+    assert hp > 12 + 4  # (without the added row, the sixth pair would not fit)
+    assert conv.row_pairs(hp, c * kw, 5, 1, oh)[0] == oh // 2
+    torch.testing.assert_close(dw, torch.autograd.grad(F.conv2d(x, w, padding=2), w, upstream)[0])
 
 
 @pytest.mark.parametrize(
