@@ -1990,8 +1990,8 @@ def paired_row_padding(padding: Pad4, w_shape: torch.Size, sh: int, h: int, oh: 
     """``padding`` with rows added at the bottom of the row buffer (of an input ``h`` rows
     high) so that every pair of output rows :func:`weight_grad_row_pairs` batches reads its
     widened run inside it (:func:`row_pairs`): one row more for LeNet conv1, whose last pair
-    (of 14) would otherwise take a product of its own (17 us of ~145 at batch 64, 2
-    threads; 78 of ~775 at 256).  Only the dropped columns read those rows.  fwd+bwd of
+    (of 14) would otherwise leave its two rows to a product of their own (17 us of ~145 at
+    batch 64, 2 threads; 78 of ~775 at 256).  Only the dropped columns read those rows.  fwd+bwd of
     LeNet conv1, 2 threads (24 interleaved blocks): 1.11x torch's time at batch 64 against
     1.17x, 1.33x at 256 against 1.37x."""
     _, c, kh, kw = w_shape
