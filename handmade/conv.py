@@ -1831,9 +1831,8 @@ def stacked_weight_grad(
         return False
     if use_winograd(w_shape, geo.stride, geo.dilation, geo.groups, out_hw, x.dtype):
         return False
-    if per_sample_rows(w_shape, geo.stride):
-        return True
-    return not use_columns(x.shape, w_shape, out_hw, geo.stride, geo.padding)
+    thin = per_sample_rows(w_shape, geo.stride)  # (thin rows stack whatever the columns)
+    return thin or not use_columns(x.shape, w_shape, out_hw, geo.stride, geo.padding)
 
 
 def conv_weight_grad_rows(
@@ -1874,21 +1873,14 @@ def conv_weight_grad_rows(
     )
 
 
-def sample_row_buffer(
-    x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, geo: ConvGeometry
-) -> int:
-    """Elements of one sample's width-only row buffer (:func:`row_windows`) for a weight
-    gradient: ``C*kW*Hp*oW``."""
-    return x.shape[1] * w_shape[3] * (x.shape[2] + geo.padding[0] + geo.padding[1]) * g.shape[3]
-
-
 def row_chunks(
     x: torch.Tensor, g: torch.Tensor, w_shape: torch.Size, geo: ConvGeometry
 ) -> list[slice]:
-    """The chunks of the batch a weight gradient on a width-only row buffer takes: whole
-    samples' buffers (:func:`sample_row_buffer`) within :func:`row_budget`."""
-    per_sample = sample_row_buffer(x, g, w_shape, geo)
-    return batch_chunks(x.shape[0], per_sample, row_budget(x.numel(), g.numel()))
+    """The chunks of the batch a weight gradient on a width-only row buffer
+    (:func:`row_windows`) takes: whole samples' buffers, ``C*kW*Hp*oW`` elements each,
+    within :func:`row_budget`."""
+    per_sample = x.shape[1] * w_shape[3] * (x.shape[2] + geo.padding[0] + geo.padding[1])
+    return batch_chunks(x.shape[0], per_sample * g.shape[3], row_budget(x.numel(), g.numel()))
 
 
 def conv_weight_grad_stacked_rows(
