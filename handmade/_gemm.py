@@ -27,7 +27,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.autograd import forward_ad
+
+from ._utils import plain_tensors
 
 __all__ = [
     "addmm",
@@ -73,29 +74,12 @@ def onednn_ready(*tensors: torch.Tensor) -> bool:
     return plain_tensors(*tensors) and torch._C._get_mkldnn_enabled() and _onednn_available()
 
 
-def plain_tensors(*tensors: torch.Tensor) -> bool:
-    """Whether an op with no derivative and no ``functorch`` rules may compute with these
-    tensors: plain tensors (no subclass -- FakeTensor under torch.compile dispatches
-    itself -- nor ``functorch`` wrapper), none that autograd records, no forward-mode AD."""
-    for t in tensors:
-        if type(t) is not torch.Tensor or _wrapped(t):
-            return False
-        if torch.is_grad_enabled() and t.requires_grad:
-            return False
-    return forward_ad._current_level < 0
-
-
 def onednn_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a @ b`` (each a matrix or a batch of them) goes to oneDNN:
     ``ONEDNN_MIN_MACS`` or more per matrix, and :func:`onednn_ready`."""
     if a.shape[-2] * a.shape[-1] * b.shape[-1] < ONEDNN_MIN_MACS:
         return False
     return onednn_ready(a, b)
-
-
-def _wrapped(t: torch.Tensor) -> bool:
-    """A ``functorch`` (``vmap``, ``grad``, ...) wrapper tensor."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 IntOrPair = int | Sequence[int]
 
@@ -301,3 +302,20 @@ def apply_function(
 
 # (private in torch: without it, always take the transform-ready Function)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def plain_tensors(*tensors: torch.Tensor) -> bool:
+    """Whether an op with no derivative and no ``functorch`` rules may compute with these
+    tensors: plain tensors (no subclass -- FakeTensor under torch.compile dispatches
+    itself -- nor ``functorch`` wrapper), none that autograd records, no forward-mode AD."""
+    for t in tensors:
+        if type(t) is not torch.Tensor or _wrapped(t):
+            return False
+        if torch.is_grad_enabled() and t.requires_grad:
+            return False
+    return forward_ad._current_level < 0
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """A ``functorch`` (``vmap``, ``grad``, ...) wrapper tensor."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -23,7 +23,9 @@ Average pooling::
     (6) dy = avg_pool(dx)                           (the op is linear)
 
 Both backward rules are differentiable expressions (a scatter-add and strided adds),
-so double backward works through autograd; the winners are saved from the forward.
+so double backward works through autograd; the winners are saved from the forward.  A
+max pool whose winners nothing needs (no indices asked for, nothing to differentiate)
+computes the maxima alone (:func:`window_maxima`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ._utils import (
     chunk_slices,
     in_bounds_taps,
     legacy_twin,
+    plain_tensors,
     pool_geometry,
     tensor_cache,
     windows,
@@ -141,6 +144,28 @@ def _window_origins(
     return rows.view(-1, 1) + cols  # (two aranges: this runs on every max-pool call)
 
 
+def window_maxima(
+    x: torch.Tensor, geo: PoolGeometry, taps: tuple[Tap, ...] | None = None
+) -> torch.Tensor:
+    """``y`` of formula (1) alone: the running ``maximum`` (which propagates NaN, as torch's
+    max pool does) of the in-bounds taps, one pass per tap over strided views of the input
+    (no copy of it, no padding), the first full tap's pass a copy.  ``taps``:
+    :func:`in_bounds_taps`, if already made."""
+    if taps is None:
+        taps = in_bounds_taps(tuple(x.shape[-2:]), *geo)
+    full = next((t for t in taps if t.full), None)
+    if full is not None:
+        y = at(x, full.inp).clone(memory_format=torch.contiguous_format)
+    else:
+        lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
+        y = x.new_full((*x.shape[:-2], *geo.out), lowest)
+    for t in taps:
+        if t is not full:
+            y_t = at(y, t.out)
+            torch.maximum(y_t, at(x, t.inp), out=y_t)
+    return y
+
+
 def _max_pool_taps(
     x: torch.Tensor, geo: PoolGeometry, taps: tuple[Tap, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,17 +177,8 @@ def _max_pool_taps(
       number of taps ``t`` for which "no tap up to t equals y" still holds, counted in
       uint8 (an out-of-bounds tap never equals ``y``), then looked up as a flat offset.
     """
-    (oh, ow), w = geo.out, x.shape[-1]
-    full = next((t for t in taps if t.full), None)
-    if full is not None:
-        y = at(x, full.inp).clone(memory_format=torch.contiguous_format)
-    else:
-        lowest = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
-        y = x.new_full((*x.shape[:-2], oh, ow), lowest)
-    for t in taps:
-        if t is not full:
-            y_t = at(y, t.out)
-            torch.maximum(y_t, at(x, t.inp), out=y_t)
+    w = x.shape[-1]
+    y = window_maxima(x, geo, taps)
     count = torch.uint8 if len(taps) < 256 else torch.int32
     winner = torch.zeros(y.shape, dtype=count, device=x.device)  # position in `taps`
     missed = torch.ones_like(winner)  # no tap so far equals y
@@ -474,6 +490,10 @@ def max_pool2d(
         ceil_mode: round the output size up (a last window must start inside the input or
             the left padding).
         return_indices: also return the winners' flat indices into each ``H*W`` plane.
+            Without them, and with nothing to differentiate (``torch.no_grad()``, an input
+            that needs no gradient, no forward-mode tangent), only the maxima are computed
+            (:func:`window_maxima`; LeNet's 2x2/2 pool at batch 64, 2 threads: 0.09 ms
+            against 0.17 with the winners, torch's 0.55).
 
     Returns:
         ``(N, C, H_out, W_out)`` with ``H_out = floor_or_ceil((H + 2*padding[0] -
@@ -486,6 +506,8 @@ def max_pool2d(
     _first_in_bounds(
         geo.out[1], geo.kernel[1], geo.stride[1], geo.padding[1], geo.dilation[1], input.shape[-1]
     )
+    if not return_indices and plain_tensors(input):  # no winner wanted: the maxima alone
+        return window_maxima(input, geo)
     y, indices = apply_function(MaxPool2dFunction, _MaxPool2dTwin, input, geo)
     return (y, indices) if return_indices else y
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import handmade.functional as H
@@ -179,3 +180,42 @@ def test_tiled_avg_pool_gradient(name: str, copies: bool, monkeypatch: pytest.Mo
     (ours,) = torch.autograd.grad(y, x, g)
     (theirs,) = torch.autograd.grad(F.avg_pool2d(x, **kwargs), x, g)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_max_pool_maxima_alone_match_torch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where nothing needs the winners (no index asked for, nothing to differentiate), the
+    max pool returns the running maximum of its taps alone (:func:`window_maxima`), which
+    must equal torch's output bit for bit on the same hard inputs (ties, NaN, +-inf)."""
+    shape, dtype, kwargs, _ = CASES[name]
+    functions = []
+    monkeypatch.setattr(
+        pooling.MaxPool2dFunction, "forward", lambda *args: functions.append(args) or None
+    )
+    x = hard_input(shape, dtype)
+    before = x.clone()
+    with torch.no_grad():
+        y = H.max_pool2d(x.requires_grad_(dtype.is_floating_point), **kwargs)
+    y_grad_off = H.max_pool2d(x.detach(), **kwargs)  # grad mode on, no input needing one
+    assert not functions  # the autograd Function never ran
+    ref = F.max_pool2d(x.detach(), **kwargs)
+    for ours in (y, y_grad_off):
+        assert not ours.requires_grad
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.detach(), before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_max_pool_takes_the_function_where_winners_are_needed() -> None:
+    """Indices asked for, an input that needs a gradient, a forward-mode tangent: each
+    goes through :class:`MaxPool2dFunction` (its winners route the gradient)."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert H.max_pool2d(x.requires_grad_(), 2).grad_fn is not None
+    _, index = H.max_pool2d(x.detach(), 2, return_indices=True)
+    assert torch.equal(index, F.max_pool2d(x.detach(), 2, return_indices=True)[1])
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        y = H.max_pool2d(fwAD.make_dual(x.detach(), tangent), 2)
+        ours = fwAD.unpack_dual(y).tangent
+    with fwAD.dual_level():
+        theirs = fwAD.unpack_dual(F.max_pool2d(fwAD.make_dual(x.detach(), tangent), 2)).tangent
+    assert ours is not None and torch.equal(ours, theirs)
