@@ -293,6 +293,18 @@ def legacy_twin(cls: type[torch.autograd.Function]) -> type[torch.autograd.Funct
     return type(cls.__name__, (cls,), attrs)
 
 
+def own_output(output: torch.Tensor, *inputs: Any) -> torch.Tensor:
+    """A Function's ``output``, made inside its ``forward``, as a tensor of its own: where it
+    is a view of a tensor made there (an unbatched input's result squeezed, a permuted
+    product that was contiguous already at batch 1), the same memory detached from that
+    base, no copy.  autograd forbids an in-place op (``ReLU(inplace=True)``) on an output
+    that is a view made inside a custom Function; torch's own ops take one.  A view of one
+    of the ``inputs`` stays one (its memory is the caller's)."""
+    if output._is_view() and not any(output._base is t for t in inputs):
+        return output.detach()
+    return output
+
+
 def apply_function(
     cls: type[torch.autograd.Function], twin: type[torch.autograd.Function], *args: Any
 ) -> Any:

@@ -81,6 +81,7 @@ from ._utils import (
     chunk_slices,
     in_bounds_taps,
     legacy_twin,
+    own_output,
     tensor_cache,
     windows,
 )
@@ -2099,6 +2100,7 @@ class Conv2dFunction(torch.autograd.Function):
             y = conv_forward(x.unsqueeze(0), weight, bias, geo, keep).squeeze(0)
         else:
             y = conv_forward(x, weight, bias, geo, keep)
+        y = own_output(y, x, weight, bias)
         # a row buffer the weight gradient reads again: to setup_context, which runs next
         _KEPT.rows = (y, keep[0]) if keep else None
         return y

@@ -46,6 +46,7 @@ from ._utils import (
     chunk_slices,
     in_bounds_taps,
     legacy_twin,
+    own_output,
     plain_tensors,
     pool_geometry,
     tensor_cache,
@@ -280,7 +281,8 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        return max_pool_forward(x, geo)
+        y, indices = max_pool_forward(x, geo)
+        return own_output(y, x), own_output(indices, x)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: torch.Tensor, geo: PoolGeometry):
@@ -434,7 +436,7 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, geo: PoolGeometry, divisor: torch.Tensor | int) -> torch.Tensor:
-        return avg_pool_forward(x, geo, divisor)
+        return own_output(avg_pool_forward(x, geo, divisor), x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:

@@ -8,7 +8,9 @@ case's op, runs it and torch's own function on identical tensors, and compares:
     outputs and indices bit-identical); the inputs must come back unmodified.
 ``backward``
     input/weight/bias gradients for a seeded random upstream gradient (max-pool: a dyadic
-    one, so any summation order is exact and the comparison bit-exact).
+    one, so any summation order is exact and the comparison bit-exact), taken through an
+    in-place op on the output (``mul_(1)``, as ``ReLU(inplace=True)`` would follow a
+    conv), which torch's outputs take and a view made inside a custom Function refuses.
 ``indices``
     max-pool only: ``return_indices=True`` indices, bit-exact.
 ``forward-ad``
@@ -346,6 +348,10 @@ def _backward(impl: Callable, case: Case, device: str) -> Outcome:
         )
     if not actual.requires_grad:
         return _fail("output does not require grad: the op is not differentiable")
+    try:  # torch's output takes an in-place op (ReLU(inplace=True), say); x*1 is exact
+        actual = actual.mul_(1)
+    except Exception as exc:
+        return _fail(f"an in-place op on the output raised {_describe(exc)} (torch's takes one)")
     try:
         impl_grads = torch.autograd.grad(actual, impl_diff, grad, allow_unused=True)
     except Exception as exc:

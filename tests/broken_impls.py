@@ -15,7 +15,8 @@ rejected, max-pool gradient to every tied maximum, ceil_mode ignored, NaN not pr
 divisor_override / count_include_pad mishandled, avg-pool backward not dividing by the
 window size) plus a few more (float32 internals, non-contiguous input read as contiguous,
 last tied maximum wins, no forward-mode AD, wrong exception types, negative padding
-accepted).  The harness knows none of them; it has to find them from its coverage.
+accepted, an output that refuses an in-place op).  The harness knows none of them; it has
+to find them from its coverage.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ class _Op(torch.autograd.Function):
         ctx.recipe = recipe
         ctx.save_for_backward(*tensors)
         ctx.save_for_forward(*tensors)
-        return recipe["op"](*tensors, **recipe["kw"])
+        y = recipe["op"](*tensors, **recipe["kw"])
+        if recipe.get("view_output"):
+            return y.unsqueeze(0).squeeze(0)
+        return y.clone() if y._is_view() else y  # (torch's unbatched result: a view of its own)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
@@ -414,6 +418,13 @@ def avg_pool2d_value_error(
     return F.avg_pool2d(
         input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
     )
+
+
+def conv2d_output_view(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Returns a view of the tensor its Function made: autograd then refuses an in-place op
+    on the output (``ReLU(inplace=True)`` after the conv), which torch's output takes."""
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _Op.apply({"op": F.conv2d, "kw": kw, "view_output": True}, input, weight, bias)
 
 
 def conv2d_float32_output(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
