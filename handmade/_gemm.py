@@ -69,8 +69,9 @@ def onednn_ready(*tensors: torch.Tensor) -> bool:
     """Whether products of these tensors may go to oneDNN at all: float32 on the CPU, and
     nothing that needs torch's own op (autograd recording, forward-mode AD, ``functorch``
     transforms, tensor subclasses, oneDNN disabled)."""
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-        return False
+    for t in tensors:
+        if t.dtype is not torch.float32 or not t.is_cpu:
+            return False
     return plain_tensors(*tensors) and torch._C._get_mkldnn_enabled() and _onednn_available()
 
 
@@ -112,8 +113,11 @@ def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """:func:`torch.bmm`: ``(B, M, K) @ (B, K, N)``, a contiguous ``(B, M, N)``."""
-    if not onednn_gemm(a, b):
-        return torch.bmm(a, b)
+    return _onednn_bmm(a, b) if onednn_gemm(a, b) else torch.bmm(a, b)
+
+
+def _onednn_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`bmm` on oneDNN: one product per matrix."""
     if a.shape[0] == 1:  # (the product itself, not a copy of it)
         return _product(a[0], b[0]).contiguous().unsqueeze(0)
     a, b = _once(a, row_major=True), _once(b)
@@ -137,9 +141,7 @@ def _once(t: torch.Tensor, row_major: bool = False) -> torch.Tensor:
 
 def baddbmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """:func:`torch.baddbmm`: ``c + a @ b`` (``c`` broadcast to ``(B, M, N)``)."""
-    if not onednn_gemm(a, b):
-        return torch.baddbmm(c, a, b)
-    return bmm(a, b).add_(c)
+    return _onednn_bmm(a, b).add_(c) if onednn_gemm(a, b) else torch.baddbmm(c, a, b)
 
 
 def baddbmm_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: int = 1) -> torch.Tensor:

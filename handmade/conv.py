@@ -18,8 +18,10 @@ Differentiating (1) term by term:
 
 Where each is computed:
 
-    (1) :func:`conv_forward` -> :func:`correlate`.  Where oneDNN multiplies (float32 on the
-        CPU: :mod:`handmade._gemm`) and kernel rows are wide (ResNet's), channels-last: the
+    (1) :func:`conv_forward` -> :func:`correlate`.  A 1x1 kernel where oneDNN multiplies
+        (float32 on the CPU: :mod:`handmade._gemm`): one GEMM over every pixel of the batch,
+        channel-major (:func:`pointwise_correlate`).  Where oneDNN multiplies and kernel
+        rows are wide (ResNet's), channels-last: the
         full im2col, one GEMM per chunk of the batch (:func:`_correlate_columns_nhwc`), or,
         where that would take many more chunks, a width-only im2col split by row phase,
         one GEMM per kernel row over a contiguous block of it
@@ -38,7 +40,8 @@ Where each is computed:
         instead of 36 (:func:`winograd_correlate`, picked by :func:`use_winograd`).
     (2) :func:`conv_bias_grad`: one reduction.
     (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
-        the same buffers: :func:`conv_weight_grad_columns_nhwc` (or, transposed, on NCHW
+        the same buffers: :func:`pointwise_weight_grad`,
+        :func:`conv_weight_grad_columns_nhwc` (or, transposed, on NCHW
         columns: :func:`conv_weight_grad_columns_nchw`), :func:`conv_weight_grad_phase_rows`,
         :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
         :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_stacked_rows` -- the
@@ -46,8 +49,11 @@ Where each is computed:
         gradient keeps for it (:class:`Conv2dFunction`).  Depthwise kernels: (3) and (4)
         together from one table of ``g``'s rows, (4) as one ``embedding_bag``
         (:func:`depthwise_grads`).
-    (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
-        call to :func:`correlate`) for size-preserving convs; otherwise the same sum as the
+    (4) :func:`conv_input_grad`: a 1x1 kernel where oneDNN multiplies is its own rotation,
+        and the full convolution one transposed GEMM over every pixel of the batch
+        (:func:`pointwise_input_grad`).  Otherwise literally the full convolution with
+        the rotated kernel (a call to :func:`correlate`) for size-preserving convs; or
+        the same sum as the
         transpose of the forward's GEMMs, :func:`conv_input_grad_columns` (col2im; channels-
         last where oneDNN multiplies, :func:`conv_input_grad_columns_nhwc`),
         :func:`conv_input_grad_stacked_rows` (narrow kernel rows) or
@@ -721,6 +727,8 @@ def correlate(
     ow = (wp - dw * (kw - 1) - 1) // sw + 1
     if depthwise(w.shape, groups):
         return depthwise_correlate(x, w, stride, padding, dilation, (oh, ow), bias)
+    if pointwise(w.shape, padding, n, oh * ow, x, w):
+        return pointwise_correlate(x, w, stride, groups, bias)
     geo = ConvGeometry(stride, padding, dilation, groups)
     if sample_columns(x.shape, w.shape, groups, padding, (oh, ow), x, w):
         return _correlate_sample_columns(x, w, geo, bias, (oh, ow))
@@ -1363,16 +1371,102 @@ def columns(
     return win.permute(0, 1, 4, 5, 2, 3).reshape(n, groups, k, -1)
 
 
-def batch_wide_1x1(og: int, cg: int, pixels: int, n: int, *operands: torch.Tensor) -> bool:
-    """Whether a 1x1 kernel's products run over the whole batch at once -- its columns and
-    output re-laid out as ``(C, N*oH*oW)``, two copies -- rather than per sample on ``x`` as
-    it is: where one sample's ``(O/g x C/g) @ (C/g x P)`` product is too small for oneDNN
-    (``ONEDNN_MIN_MACS``) but the batch's is not (:func:`_gemm.onednn_gemm`).  ResNet's 1x1
-    256->64@14 at batch 4, 2 threads (10th percentile of 20 interleaved blocks): forward
-    0.099 against 0.146 ms per sample (torch's 0.109), dL/dx 0.099 against 0.154 (0.109),
-    dL/dw 0.093 against 0.144 (0.120)."""
-    macs = og * cg * pixels
-    return macs < gemm.ONEDNN_MIN_MACS <= macs * n and gemm.onednn_ready(*operands)
+def pointwise(
+    w_shape: torch.Size, padding: Pad4, n: int, pixels: int, *operands: torch.Tensor
+) -> bool:
+    """Whether a conv runs as one product over every pixel of the batch
+    (:func:`pointwise_correlate`, :func:`pointwise_input_grad`,
+    :func:`pointwise_weight_grad`): a 1x1 kernel without padding (any stride, dilation or
+    groups) where oneDNN multiplies (:func:`_gemm.onednn_ready`) -- unless each of the
+    ``n`` samples' ``pixels`` is one product large enough for oneDNN on its own
+    (``ONEDNN_MIN_MACS``) and the channels are thin, ``O*C/g < 32*(O + C/g)``: then the
+    copies to and from the batch's layout cost more than the per-sample products lose, and
+    the NCHW layouts multiply each sample as it is.
+
+    The batch's operands are channel-major, ``(C, N*oH*oW)``: copied from and back to NCHW
+    a plane at a time, where a channels-last ``(N*oH*oW, C)`` layout would need element-wise
+    transposes (5-15x the time of a plain copy here).  fwd+bwd at 2 threads, batch 4 (10th
+    percentile of 12 interleaved blocks), against the NCHW layouts (torch's in brackets):
+    ResNet's 256->64@14 0.56 against 0.66 ms (0.46); 1024->256@14 3.46 against 4.42 (3.29);
+    512->2048@7 3.76 against 5.64 (3.19); 256->512/2@56 7.48 against 9.25 (11.10);
+    64->256@56 4.98 against 4.84 (4.46); thin, 32->128@56 1.95 against 1.47 (1.47): left
+    per sample."""
+    if w_shape[-2:] != (1, 1) or padding != (0, 0, 0, 0):
+        return False
+    o, cg = w_shape[:2]
+    thin = o * cg < 32 * (o + cg)
+    if n > 1 and thin and o * cg * pixels >= gemm.ONEDNN_MIN_MACS:
+        return False
+    return gemm.onednn_ready(*operands)
+
+
+def pointwise_columns(x: torch.Tensor, stride: tuple[int, int], groups: int) -> torch.Tensor:
+    """The pixels a 1x1 kernel reads, every sample's side by side, as GEMM columns:
+    ``(g, C/g, N*oH*oW)``, ``cols[g, c, (n, p, q)] = x[n, g*C/g + c, p*sH, q*sW]`` (one
+    copy)."""
+    if stride != (1, 1):
+        x = x[..., :: stride[0], :: stride[1]]
+    return x.transpose(0, 1).reshape(groups, x.shape[1] // groups, -1)
+
+
+def pointwise_correlate(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    stride: tuple[int, int],
+    groups: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Formula (1) for a 1x1 kernel: per output pixel a matrix-vector product,
+    ``y[n, :, p, q] = b + w[:, :, 0, 0] @ x[n, :, p*sH, q*sW]`` (per group); every pixel of
+    the batch is a column of one GEMM ``w @ cols`` (:func:`pointwise_columns`), whose
+    ``(O, N, oH, oW)`` result is copied back to NCHW."""
+    n, o = x.shape[0], w.shape[0]
+    oh, ow = (x.shape[2] - 1) // stride[0] + 1, (x.shape[3] - 1) // stride[1] + 1
+    w_g = w.reshape(groups, o // groups, -1)  # (g, O/g, C/g)
+    cols = pointwise_columns(x, stride, groups)
+    if bias is None:
+        y = gemm.bmm(w_g, cols)
+    else:
+        y = gemm.baddbmm(bias.reshape(groups, o // groups, 1), w_g, cols)
+    return y.view(o, n, oh, ow).transpose(0, 1).contiguous()
+
+
+def pointwise_input_grad(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    input_hw: tuple[int, int],
+    stride: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """Formula (4) for a 1x1 kernel: rotating it changes nothing, and the full convolution
+    is per pixel the transposed product, ``dx[n, :, p*sH, q*sW] = w[:, :, 0, 0]^T @
+    g[n, :, p, q]`` (per group), zero at the pixels a stride skips: one GEMM
+    ``w^T @ g_cols`` over every pixel of the batch."""
+    n, o, oh, ow = g.shape
+    c = w.shape[1] * groups
+    w_t = w.reshape(groups, o // groups, -1).transpose(1, 2)  # (g, C/g, O/g)
+    g_cols = g.transpose(0, 1).reshape(groups, o // groups, -1)  # (g, O/g, N*oH*oW)
+    dx = gemm.bmm(w_t, g_cols).view(c, n, oh, ow).transpose(0, 1)
+    if stride == (1, 1):
+        return dx.contiguous()
+    full = g.new_zeros(n, c, *input_hw)
+    full[..., :: stride[0], :: stride[1]] = dx
+    return full
+
+
+def pointwise_weight_grad(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w_shape: torch.Size,
+    stride: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """Formula (3) for a 1x1 kernel: ``dw[o, c] = sum_{n,p,q} g[n, o, p, q] *
+    x[n, c, p*sH, q*sW]`` (per group), one GEMM ``g_cols @ cols^T`` over every pixel of the
+    batch."""
+    o = w_shape[0]
+    g_cols = g.transpose(0, 1).reshape(groups, o // groups, -1)  # (g, O/g, N*oH*oW)
+    return gemm.bmm(g_cols, pointwise_columns(x, stride, groups).transpose(1, 2)).view(w_shape)
 
 
 def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -1392,20 +1486,17 @@ def _correlate_columns(
 ) -> torch.Tensor:
     """Formula (1) as ``w @ columns(xp)``: one GEMM per sample (and group), written
     straight in NCHW -- into ``out`` when given (:func:`over_chunks`).  Under
-    ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs are too narrow (measured),
-    and a 1x1 kernel's may be too small for oneDNN (:func:`batch_wide_1x1`): one GEMM over
-    the whole batch's columns, returned as a permuted view."""
+    ``PER_SAMPLE_COLUMNS`` output pixels per sample those GEMMs are too narrow (measured):
+    one GEMM over the whole batch's columns, returned as a permuted view -- except for a 1x1
+    kernel at stride 1, whose columns are ``xp`` itself, read as it is (where oneDNN
+    multiplies, :func:`pointwise` takes the unpadded ones)."""
     n = xp.shape[0]
     o, _, kh, kw = w.shape
     oh, ow = out_hw
     w_g = w.reshape(groups, o // groups, -1)  # (g, O/g, C/g*kH*kW)
     b = None if bias is None else bias.reshape(groups, o // groups, 1)
     free_view = kh * kw == 1 and stride == (1, 1)  # a 1x1 kernel's columns are x itself
-    if free_view:
-        batch_wide = batch_wide_1x1(o // groups, w_g.shape[2], oh * ow, n, xp, w)
-    else:
-        batch_wide = oh * ow < PER_SAMPLE_COLUMNS
-    if batch_wide:
+    if not free_view and oh * ow < PER_SAMPLE_COLUMNS:
         cols = columns(xp, (kh, kw), stride, dilation, (oh, ow), groups, batch_inner=True)
         if b is None:
             y = gemm.bmm(w_g, cols)
@@ -1532,6 +1623,8 @@ def conv_input_grad(
     takes :func:`depthwise_grads`.)
     """
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
+    if pointwise(w.shape, geo.padding, g.shape[0], g.shape[2] * g.shape[3], g, w):
+        return pointwise_input_grad(g, w, input_hw, geo.stride, groups)
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
     _, cg, kh, kw = w.shape
@@ -1601,11 +1694,7 @@ def conv_input_grad_columns(
     def col2im_chunk(out: torch.Tensor | None, g_part: torch.Tensor) -> torch.Tensor:
         m = g_part.shape[0]
         free_view = kh * kw == 1 and (hp, wp) == (oh, ow)  # a 1x1 kernel read every pixel once
-        if free_view:
-            batch_wide = batch_wide_1x1(cg, o // groups, oh * ow, m, g_part, w)
-        else:
-            batch_wide = oh * ow < PER_SAMPLE_COLUMNS
-        if batch_wide:  # as the forward: one GEMM
+        if not free_view and oh * ow < PER_SAMPLE_COLUMNS:  # as the forward: one GEMM
             g_rows = g_part.reshape(m, groups, o // groups, oh * ow).permute(1, 2, 0, 3)
             dcols = gemm.bmm(w_t, g_rows.reshape(groups, o // groups, m * oh * ow))
             dcols = dcols.view(c, kh, kw, m, oh, ow).permute(3, 0, 1, 2, 4, 5)
@@ -1613,7 +1702,7 @@ def conv_input_grad_columns(
             g_rows = g_part.reshape(m * groups, o // groups, oh * ow)
             dcols = gemm.bmm(_per_sample(w_t, m), g_rows).view(m, c, kh, kw, oh, ow)
         if free_view:
-            dxp = dcols.reshape(m, c, hp, wp)  # (a copy where batch-wide)
+            dxp = dcols.view(m, c, hp, wp)
         else:  # (unpadded, a chunk's slice of the result is the buffer: over_chunks)
             unpadded = out is not None and (top, bottom, left, right) == (0, 0, 0, 0)
             dxp = out.zero_() if unpadded else g.new_zeros(m, c, hp, wp)
@@ -1797,6 +1886,8 @@ def conv_weight_grad(
     :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_columns` or
     :func:`conv_weight_grad_rows`.  ``rows``: the stacked forward's row buffer of ``x``
     (:func:`correlate`'s ``keep``), reused where :func:`stacked_weight_grad`."""
+    if pointwise(w_shape, geo.padding, g.shape[0], g.shape[2] * g.shape[3], x, g):
+        return pointwise_weight_grad(x, g, w_shape, geo.stride, geo.groups)
     if stacked_weight_grad(x, g, w_shape, geo):
         thin = per_sample_rows(w_shape, geo.stride)  # (LeNet conv1: g first, in row pairs)
         return conv_weight_grad_stacked_rows(x, g, w_shape, geo, g_first=thin, rows=rows)
@@ -2039,16 +2130,14 @@ def conv_weight_grad_columns(
 
     A 1x1 kernel at stride 1 without padding reads the input as it is: rather than copy it
     into one batch-wide buffer, one GEMM per sample on ``x`` itself, then a sum over the
-    batch (while those per-sample results are no larger than the input) -- unless those
-    products are too small for oneDNN and the batch's is not (:func:`batch_wide_1x1`).
+    batch (while those per-sample results are no larger than the input).  (Where oneDNN
+    multiplies, :func:`pointwise_weight_grad` takes those.)
     """
     o, cg, kh, kw = w_shape
     groups = geo.groups
     n, c, h, wd = x.shape
     _, _, oh, ow = g.shape
     as_is = kh * kw == 1 and geo.stride == (1, 1) and geo.padding == (0, 0, 0, 0)
-    if as_is and batch_wide_1x1(o // groups, cg, oh * ow, n, x, g):
-        as_is = False  # the batch's columns, x copied: one product on oneDNN
     if as_is and n * o * cg <= x.numel():
         g_s = g.reshape(n * groups, o // groups, oh * ow)
         x_s = x.reshape(n * groups, cg, h * wd)

@@ -52,6 +52,9 @@ LAYOUTS = (
     "conv_weight_grad_columns_nhwc",
     "conv_weight_grad_columns_nchw",
     "_correlate_sample_columns",
+    "pointwise_correlate",
+    "pointwise_input_grad",
+    "pointwise_weight_grad",
 )
 
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts (or a
@@ -365,6 +368,96 @@ def test_sample_columns_match_torch(
     assert_torch_results((x, w, b), kwargs, y, upstream)
 
 
+# A 1x1 kernel without padding as one product over every pixel of the batch, where oneDNN
+# multiplies (float32 on the CPU); here forced for float64, whose products torch computes.
+POINTWISE_CASES: dict[str, tuple[tuple, tuple, dict[str, Any]]] = {
+    "stride 1 (ResNet's bottleneck 1x1)": ((3, 6, 5, 7), (4, 6, 1, 1), {}),
+    "stride 2, odd sizes (ResNet's downsampling shortcut)": (
+        (3, 6, 9, 7),
+        (5, 6, 1, 1),
+        dict(stride=2),
+    ),
+    "strides (2, 3), 2 groups, dilation (which a 1x1 ignores)": (
+        (2, 4, 8, 10),
+        (6, 2, 1, 1),
+        dict(stride=(2, 3), groups=2, dilation=3),
+    ),
+    "unbatched": ((6, 5, 4), (3, 6, 1, 1), {}),
+}
+
+POINTWISE = {"pointwise_correlate", "pointwise_input_grad", "pointwise_weight_grad"}
+
+
+@pytest.mark.parametrize("case", POINTWISE_CASES)
+def test_pointwise_matches_torch(
+    case: str, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1x1 kernel's products over every pixel of the batch: the forward runs them, the
+    backward their transposes; output and gradients are torch's (float64)."""
+    monkeypatch.setattr(
+        conv, "pointwise", lambda w_shape, padding, *_: w_shape[-2:] == (1, 1) and not any(padding)
+    )
+    x_shape, w_shape, kwargs = POINTWISE_CASES[case]
+    backward = POINTWISE - {"pointwise_correlate"}
+    check_layouts(
+        x_shape, w_shape, kwargs, "pointwise_correlate", backward, False, True, spy, monkeypatch
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "padding", "differentiated", "x_shape", "picked"),
+    [
+        (torch.float32, 0, False, (2, 16, 5, 5), True),
+        (torch.float64, 0, False, (2, 16, 5, 5), False),
+        (torch.float32, 1, False, (2, 16, 5, 5), False),
+        (torch.float32, 0, True, (2, 16, 5, 5), True),
+        (torch.float32, 0, False, (2, 16, 128, 128), False),
+        (torch.float32, 0, False, (1, 16, 128, 128), True),
+    ],
+    ids=[
+        "float32",
+        "float64",
+        "padded",
+        "backward differentiated",
+        "thin channels, a large product per sample",
+        "... at batch 1",
+    ],
+)
+def test_pointwise_where_onednn_multiplies(
+    dtype: torch.dtype,
+    padding: int,
+    differentiated: bool,
+    x_shape: tuple,
+    picked: bool,
+    spy: list[str],
+) -> None:
+    """An unpadded 1x1 kernel takes the pointwise products where oneDNN multiplies: in
+    float32, forward and backward -- except a backward that is itself differentiated (its
+    products must be torch's, which autograd records), which takes the NCHW layouts; a
+    float64 or padded 1x1 never; nor thin channels (16 in, 16 out) whose samples are each
+    a product of ``ONEDNN_MIN_MACS`` (16 x 16 x 128^2 multiply-adds), unless the batch is
+    one sample.  Results are torch's either way."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(shape, generator=gen, dtype=dtype, requires_grad=True)
+        for shape in (x_shape, (16, 16, 1, 1), (16,))
+    )
+    picked = picked and gemm.onednn_ready(x.detach())
+    y = H.conv2d(x, w, b, padding=padding)
+    assert ("pointwise_correlate" in spy) == picked
+    spy.clear()
+    grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y), create_graph=differentiated)
+    assert (set(spy) & POINTWISE == POINTWISE - {"pointwise_correlate"}) == (
+        picked and not differentiated
+    )
+    expected = F.conv2d(x, w, b, padding=padding)
+    refs = torch.autograd.grad(expected, (x, w, b), torch.ones_like(y))
+    outs = zip(("y", "dx", "dw", "db"), (y, *grads), (expected, *refs), strict=True)
+    for name, actual, reference in outs:
+        result = compare(name, actual, reference, exact=False, dtype=dtype)
+        assert result.ok, result.message
+
+
 @pytest.mark.parametrize(
     ("x_shape", "w_shape", "stride", "dilation", "picked"),
     [
@@ -376,7 +469,15 @@ def test_sample_columns_match_torch(
         ((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, False),  # 196 output pixels
         ((64, 1, 28, 28), (6, 1, 5, 5), 1, 1, False),  # LeNet conv1: a 118k-MAC product
     ],
-    ids=["64->128/2", "128@28 b16", "128@28 b4", "dilated", "64@56", "256@14", "LeNet conv1"],
+    ids=[
+        "64->128/2",
+        "128@28 b16",
+        "128@28 b4",
+        "dilated",
+        "64@56",
+        "256@14",
+        "LeNet conv1",
+    ],
 )
 def test_sample_columns_where_a_sample_is_one_large_product(
     x_shape: tuple, w_shape: tuple, stride: int, dilation: int, picked: bool, spy: list[str]
@@ -802,7 +903,7 @@ def test_weight_grad_contraction_split_among_threads(
         ("phase rows", 2, 256, 3),
         ("full columns", 2, 256, 3),
         ("full columns, NCHW dL/dw", 2, 256, 3),
-        ("1x1 batch-wide", 4, 64, 1),
+        ("1x1", 4, 64, 1),
     ],
 )
 def test_float32_within_tolerance(
@@ -817,8 +918,8 @@ def test_float32_within_tolerance(
     layouts may cost accuracy a user would see: a ResNet-sized layer (256 channels, 14x14)
     -- output, dL/dx and dL/dw against torch's float64 result within torch.testing's
     float32 tolerances (parity's ``compare``).  (Winograd is the layout where oneDNN does
-    not multiply, forced here; the channels-last layout is forced, whole batch; the 1x1's
-    per-sample products are too small for oneDNN, the batch's are not.)"""
+    not multiply, forced here; the channels-last layout is forced, whole batch; the 1x1
+    takes the pointwise products over the whole batch.)"""
     if layout == "Winograd":
         monkeypatch.setattr(conv, "use_phase_rows", lambda *_: False)
         assert conv.use_winograd((256, 256, 3, 3), (1, 1), (1, 1), 1, (14, 14), torch.float32)
@@ -831,8 +932,6 @@ def test_float32_within_tolerance(
     w = torch.randn(out_channels, 256, kernel, kernel, generator=gen) / (16 * kernel)  # ~unit
     b = torch.randn(out_channels, generator=gen)
     upstream = torch.randn(n, out_channels, 14, 14, generator=gen)
-    if kernel == 1:  # one sample's 64x256x196 product too small for oneDNN, the batch's not
-        assert conv.batch_wide_1x1(out_channels, 256, 14 * 14, n, x, w)
     results = {}
     for dtype in (torch.float32, torch.float64):
         args = [t.to(dtype).requires_grad_() for t in (x, w, b)]
@@ -852,7 +951,7 @@ FLOAT32_LAYOUTS = {
     "phase rows": {"phase_rows", "conv_weight_grad_phase_rows"},
     "full columns": {"columns_nhwc", "conv_weight_grad_columns_nhwc"},
     "full columns, NCHW dL/dw": {"columns_nhwc", "conv_weight_grad_columns_nchw"},
-    "1x1 batch-wide": {"_correlate_columns", "conv_weight_grad_columns"},
+    "1x1": {"pointwise_correlate", "pointwise_input_grad", "pointwise_weight_grad"},
 }
 
 
