@@ -110,9 +110,10 @@ PER_SAMPLE_COLUMNS = 512
 # multiplied one sample at a time in NCHW (:func:`sample_columns`).  Forward at 2 threads,
 # batch 4 (10th percentile of 16 interleaved blocks), against the channels-last full
 # columns: ResNet 64->128/2 1.36 / 1.47 ms (torch 1.07), 128@28 2.28 / 2.46 (1.89), the
-# dilated 64@28 0.77 / 0.90 (0.50) -- those two over the memory target at batch 4; 64@56, a
-# sample's columns 1.8M elements, 2.92 / 2.83; 256@14, 128->256/2 and 256@7 (196 and 49
-# output pixels) 1.2-1.7x the time.
+# dilated 64@28 0.77 / 0.90 (0.50); 64@56, a sample's columns 1.8M elements, 2.92 / 2.83;
+# 256@14, 128->256/2 and 256@7 (196 and 49 output pixels) 1.2-1.7x the time.  fwd+bwd
+# (the same dL/dx, literally the full correlation, takes them too), 12 blocks: 128@28 6.94
+# against 7.24 ms (5.74), the dilated 64@28 2.60 against 2.69 (1.55).
 SAMPLE_COLUMNS_MAX = 1 << 20
 # Kernel rows thinner than this (``C/g*kW``: LeNet's first layer, 5) make GEMMs over the
 # whole batch far below peak (measured): such stride-1 convs run one GEMM per sample and
@@ -1529,10 +1530,9 @@ def sample_columns(
     ``SAMPLE_COLUMNS_MAX`` elements and a product of at least ``ONEDNN_MIN_MACS``
     (:func:`_gemm.onednn_gemm`'s size), where oneDNN multiplies (:func:`_gemm.onednn_ready`)
     -- and where its buffers fit :func:`full_column_budget` (1.9x what torch's own forward
-    keeps alive): the padded input and a sample's columns and product, the columns twice
-    (oneDNN re-lays out its column-major operand: measured).  At batch 4 that takes ResNet
-    64->128/2 (1.77x torch's peak) and leaves 128@28 and the dilated 64@28 (2.91x and 3.23x)
-    on the channels-last layouts."""
+    keeps alive): one sample's padded input, columns and product (oneDNN reads the columns
+    as they are: measured, no copy).  At batch 4 that takes ResNet 64->128/2, 128@28 and
+    the dilated 64@28 (forward peak memory 0.99x, 1.71x and 1.87x torch's)."""
     n, c, h, wd = x_shape
     o, cg, kh, kw = w_shape
     pixels = out_hw[0] * out_hw[1]
@@ -1542,7 +1542,7 @@ def sample_columns(
     if k * pixels > SAMPLE_COLUMNS_MAX or o * k * pixels < gemm.ONEDNN_MIN_MACS:
         return False
     top, bottom, left, right = padding
-    buffers = n * c * (h + top + bottom) * (wd + left + right) + 2 * k * pixels + o * pixels
+    buffers = c * (h + top + bottom) * (wd + left + right) + k * pixels + o * pixels
     if buffers > full_column_budget(n * c * h * wd, n * o * pixels, o * k):
         return False
     return gemm.onednn_ready(*operands)
@@ -1556,19 +1556,21 @@ def _correlate_sample_columns(
     out_hw: tuple[int, int],
 ) -> torch.Tensor:
     """Formula (1) one sample at a time: ``y[n] = w @ columns(x_p[n]) + b``, the kernel as it
-    is, ``(O, C*kH*kW)``, and the sample's full im2col ``(C*kH*kW, oH*oW)`` (:func:`columns`;
-    oneDNN takes it as a column-major operand and re-lays it out): the product is the
-    sample's NCHW output, nothing to permute, and one sample's columns are small enough to
-    stay in cache between their copy and their product."""
+    is, ``(O, C*kH*kW)``, and the sample's full im2col ``(C*kH*kW, oH*oW)`` (:func:`columns`
+    of the sample padded; oneDNN reads it as a column-major operand, no copy): the product
+    is the sample's NCHW output, nothing to permute, and one sample's columns are small
+    enough to stay in cache between their copy and their product.  Only one sample's
+    buffers are alive at a time."""
     n = x.shape[0]
     o = w.shape[0]
     oh, ow = out_hw
     w_flat = w.reshape(o, -1)
-    xp = _pad(x, geo.padding)
     out = x.new_empty(n, o, oh, ow)
     for k in range(n):
-        cols = columns(xp[k : k + 1], w.shape[2:], geo.stride, geo.dilation, out_hw, 1)[0, 0]
+        xp = _pad(x[k : k + 1], geo.padding)
+        cols = columns(xp, w.shape[2:], geo.stride, geo.dilation, out_hw, 1)[0, 0]
         y = gemm.linear(w_flat, cols.mT).view(o, oh, ow)
+        del xp, cols  # (freed before the next sample's)
         if bias is None:
             out[k].copy_(y)
         else:

@@ -463,8 +463,9 @@ def test_pointwise_where_onednn_multiplies(
     [
         ((4, 64, 56, 56), (128, 64, 3, 3), 2, 1, True),
         ((16, 128, 28, 28), (128, 128, 3, 3), 1, 1, True),
-        ((4, 128, 28, 28), (128, 128, 3, 3), 1, 1, False),  # buffers 2.4M > a 1.2M budget
-        ((4, 64, 28, 28), (64, 64, 3, 3), 1, 2, False),  # buffers 1.2M > a 0.6M budget
+        ((4, 128, 28, 28), (128, 128, 3, 3), 1, 1, True),  # a sample's buffers 1.1M: 1.26M
+        ((1, 128, 28, 28), (128, 128, 3, 3), 1, 1, False),  # buffers 1.1M > a 0.41M budget
+        ((4, 64, 28, 28), (64, 64, 3, 3), 1, 2, True),  # a sample's buffers 0.57M: 0.59M
         ((32, 64, 56, 56), (64, 64, 3, 3), 1, 1, False),  # a sample's columns: 1.8M elements
         ((4, 256, 14, 14), (256, 256, 3, 3), 1, 1, False),  # 196 output pixels
         ((64, 1, 28, 28), (6, 1, 5, 5), 1, 1, False),  # LeNet conv1: a 118k-MAC product
@@ -473,6 +474,7 @@ def test_pointwise_where_onednn_multiplies(
         "64->128/2",
         "128@28 b16",
         "128@28 b4",
+        "128@28 b1",
         "dilated",
         "64@56",
         "256@14",
