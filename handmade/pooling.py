@@ -241,21 +241,26 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
     # allocates too) 1 + 8/itemsize: chunk the planes so the taps stay within 3/4 of those
     itemsize = x.element_size()
     budget = 3 * m * oh * ow * (itemsize + 8) // (4 * itemsize)
+    if oh * kh < h or ow * kw < w:  # (rows and columns no window reaches)
+        planes = planes[:, : oh * kh, : ow * kw]
     for part in chunk_slices(m, k * oh * ow, budget, unsplit=MIN_TAP_BUFFER):
-        windows_part = planes[part, : oh * kh, : ow * kw].reshape(-1, oh, kh, ow, kw)
+        # (the whole tensors where one chunk takes them all: each slice is a tensor op)
+        whole = part == slice(None)
+        windows_part = (planes if whole else planes[part]).reshape(-1, oh, kh, ow, kw)
         # the one copy (always a copy: the passes below write into it)
         tap = windows_part.permute(2, 4, 0, 1, 3).clone(memory_format=torch.contiguous_format)
         tap = tap.view(k, -1, oh, ow)
-        y_part = torch.amax(tap, dim=0, out=y[part])
+        y_part = torch.amax(tap, dim=0, out=y if whole else y[part])
         # taps 0..k-2 turn into the flags; the last tap's block then holds the offset
         missed = tap.narrow(0, 0, k - 1)
         torch.ne(missed, y_part, out=missed)  # tap t differs from y, as 0/1
+        flags = missed.unbind(0)
         for t in range(1, k - 1):
-            missed[t].mul_(missed[t - 1])  # ... and so did every tap before it
-        offset = tap[k - 1].view(1, -1)
+            flags[t].mul_(flags[t - 1])  # ... and so did every tap before it
+        offset = tap.select(0, k - 1).view(1, -1)
         torch.mm(steps, missed.view(k - 1, offset.shape[1]), out=offset)
-        index[part].copy_(offset.view_as(y_part).add_(base))
-        del tap, missed, offset  # before the next chunk's copy (peak memory)
+        (index if whole else index[part]).copy_(offset.view_as(y_part).add_(base))
+        del tap, missed, flags, offset  # before the next chunk's copy (peak memory)
     lead = x.shape[:-2]
     return y.view(*lead, oh, ow), index.view(*lead, oh, ow)
 
