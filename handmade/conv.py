@@ -40,20 +40,18 @@ Where each is computed:
         instead of 36 (:func:`winograd_correlate`, picked by :func:`use_winograd`).
     (2) :func:`conv_bias_grad`: one reduction.
     (3) :func:`conv_weight_grad`: the forward's GEMMs with ``g`` in place of ``w``, against
-        the same buffers: :func:`pointwise_weight_grad`,
-        :func:`conv_weight_grad_columns_nhwc` (or, transposed, on NCHW
+        the same buffers: :func:`conv_weight_grad_columns_nhwc` (or, transposed, on NCHW
         columns: :func:`conv_weight_grad_columns_nchw`), :func:`conv_weight_grad_phase_rows`,
         :func:`conv_weight_grad_rows`, :func:`conv_weight_grad_columns`,
         :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_stacked_rows` -- the
         last on the forward's own row buffer, which a forward whose weight needs a
         gradient keeps for it (:class:`Conv2dFunction`).  Depthwise kernels: (3) and (4)
         together from one table of ``g``'s rows, (4) as one ``embedding_bag``
-        (:func:`depthwise_grads`).
-    (4) :func:`conv_input_grad`: a 1x1 kernel where oneDNN multiplies is its own rotation,
-        and the full convolution one transposed GEMM over every pixel of the batch
-        (:func:`pointwise_input_grad`).  Otherwise literally the full convolution with
-        the rotated kernel (a call to :func:`correlate`) for size-preserving convs; or
-        the same sum as the
+        (:func:`depthwise_grads`).  A 1x1 kernel where oneDNN multiplies: (3) and (4)
+        together from one channel-major copy of ``g``; a 1x1 kernel is its own rotation,
+        so (4) is one transposed GEMM (:func:`pointwise_grads`).
+    (4) :func:`conv_input_grad`: literally the full convolution with the rotated kernel (a
+        call to :func:`correlate`) for size-preserving convs; otherwise the same sum as the
         transpose of the forward's GEMMs, :func:`conv_input_grad_columns` (col2im; channels-
         last where oneDNN multiplies, :func:`conv_input_grad_columns_nhwc`),
         :func:`conv_input_grad_stacked_rows` (narrow kernel rows) or
@@ -1376,11 +1374,10 @@ def pointwise(
     w_shape: torch.Size, padding: Pad4, n: int, pixels: int, *operands: torch.Tensor
 ) -> bool:
     """Whether a conv runs as one product over every pixel of the batch
-    (:func:`pointwise_correlate`, :func:`pointwise_input_grad`,
-    :func:`pointwise_weight_grad`): a 1x1 kernel without padding (any stride, dilation or
-    groups) where oneDNN multiplies (:func:`_gemm.onednn_ready`) -- unless each of the
-    ``n`` samples' ``pixels`` is one product large enough for oneDNN on its own
-    (``ONEDNN_MIN_MACS``) and the channels are thin, ``O*C/g < 32*(O + C/g)``: then the
+    (:func:`pointwise_correlate`, :func:`pointwise_grads`): a 1x1 kernel without padding
+    (any stride, dilation or groups) where oneDNN multiplies (:func:`_gemm.onednn_ready`)
+    -- unless each of the ``n`` samples' ``pixels`` is one product large enough for oneDNN
+    on its own (``ONEDNN_MIN_MACS``) and the channels are thin, ``O*C/g < 32*(O + C/g)``: then the
     copies to and from the batch's layout cost more than the per-sample products lose, and
     the NCHW layouts multiply each sample as it is.
 
@@ -1402,9 +1399,9 @@ def pointwise(
 
 
 def pointwise_columns(x: torch.Tensor, stride: tuple[int, int], groups: int) -> torch.Tensor:
-    """The pixels a 1x1 kernel reads, every sample's side by side, as GEMM columns:
-    ``(g, C/g, N*oH*oW)``, ``cols[g, c, (n, p, q)] = x[n, g*C/g + c, p*sH, q*sW]`` (one
-    copy)."""
+    """The pixels a 1x1 kernel reads (of ``x``, or of ``g`` at stride 1), every sample's side
+    by side, as GEMM columns: ``(g, C/g, N*oH*oW)``, ``cols[g, c, (n, p, q)] =
+    x[n, g*C/g + c, p*sH, q*sW]`` (one copy, a plane at a time)."""
     if stride != (1, 1):
         x = x[..., :: stride[0], :: stride[1]]
     return x.transpose(0, 1).reshape(groups, x.shape[1] // groups, -1)
@@ -1432,42 +1429,40 @@ def pointwise_correlate(
     return y.view(o, n, oh, ow).transpose(0, 1).contiguous()
 
 
-def pointwise_input_grad(
-    g: torch.Tensor,
-    w: torch.Tensor,
-    input_hw: tuple[int, int],
-    stride: tuple[int, int],
-    groups: int,
-) -> torch.Tensor:
-    """Formula (4) for a 1x1 kernel: rotating it changes nothing, and the full convolution
-    is per pixel the transposed product, ``dx[n, :, p*sH, q*sW] = w[:, :, 0, 0]^T @
-    g[n, :, p, q]`` (per group), zero at the pixels a stride skips: one GEMM
-    ``w^T @ g_cols`` over every pixel of the batch."""
-    n, o, oh, ow = g.shape
-    c = w.shape[1] * groups
-    w_t = w.reshape(groups, o // groups, -1).transpose(1, 2)  # (g, C/g, O/g)
-    g_cols = g.transpose(0, 1).reshape(groups, o // groups, -1)  # (g, O/g, N*oH*oW)
-    dx = gemm.bmm(w_t, g_cols).view(c, n, oh, ow).transpose(0, 1)
-    if stride == (1, 1):
-        return dx.contiguous()
-    full = g.new_zeros(n, c, *input_hw)
-    full[..., :: stride[0], :: stride[1]] = dx
-    return full
-
-
-def pointwise_weight_grad(
+def pointwise_grads(
     x: torch.Tensor,
     g: torch.Tensor,
-    w_shape: torch.Size,
-    stride: tuple[int, int],
-    groups: int,
-) -> torch.Tensor:
-    """Formula (3) for a 1x1 kernel: ``dw[o, c] = sum_{n,p,q} g[n, o, p, q] *
-    x[n, c, p*sH, q*sW]`` (per group), one GEMM ``g_cols @ cols^T`` over every pixel of the
-    batch."""
-    o = w_shape[0]
-    g_cols = g.transpose(0, 1).reshape(groups, o // groups, -1)  # (g, O/g, N*oH*oW)
-    return gemm.bmm(g_cols, pointwise_columns(x, stride, groups).transpose(1, 2)).view(w_shape)
+    w: torch.Tensor,
+    geo: ConvGeometry,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Formulas (4) and (3) for a 1x1 kernel (:func:`pointwise`), both from one
+    channel-major copy of ``g``, ``g_cols`` (:func:`pointwise_columns`):
+
+    (4) rotating a 1x1 kernel changes nothing, and the full convolution is per pixel the
+        transposed product, ``dx[n, :, p*sH, q*sW] = w[:, :, 0, 0]^T @ g[n, :, p, q]`` (per
+        group), zero at the pixels a stride skips: one GEMM ``w^T @ g_cols``;
+    (3) ``dw[o, c] = sum_{n,p,q} g[n, o, p, q] * x[n, c, p*sH, q*sW]`` (per group): one GEMM
+        ``g_cols @ x_cols^T``.
+    """
+    n, o, oh, ow = g.shape
+    stride, groups = geo.stride, geo.groups
+    g_cols = pointwise_columns(g, (1, 1), groups)  # (g, O/g, N*oH*oW)
+    gx = gw = None
+    if need_x:
+        c = w.shape[1] * groups
+        w_t = w.reshape(groups, o // groups, -1).transpose(1, 2)  # (g, C/g, O/g)
+        dx = gemm.bmm(w_t, g_cols).view(c, n, oh, ow).transpose(0, 1)
+        if stride == (1, 1):
+            gx = dx.contiguous()
+        else:
+            gx = g.new_zeros(x.shape)
+            gx[..., :: stride[0], :: stride[1]] = dx
+    if need_w:
+        x_cols = pointwise_columns(x, stride, groups)
+        gw = gemm.bmm(g_cols, x_cols.transpose(1, 2)).view(w.shape)
+    return gx, gw
 
 
 def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -1625,8 +1620,6 @@ def conv_input_grad(
     takes :func:`depthwise_grads`.)
     """
     (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
-    if pointwise(w.shape, geo.padding, g.shape[0], g.shape[2] * g.shape[3], g, w):
-        return pointwise_input_grad(g, w, input_hw, geo.stride, groups)
     top, bottom, left, right = geo.padding
     n, o, oh, ow = g.shape
     _, cg, kh, kw = w.shape
@@ -1888,8 +1881,6 @@ def conv_weight_grad(
     :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_columns` or
     :func:`conv_weight_grad_rows`.  ``rows``: the stacked forward's row buffer of ``x``
     (:func:`correlate`'s ``keep``), reused where :func:`stacked_weight_grad`."""
-    if pointwise(w_shape, geo.padding, g.shape[0], g.shape[2] * g.shape[3], x, g):
-        return pointwise_weight_grad(x, g, w_shape, geo.stride, geo.groups)
     if stacked_weight_grad(x, g, w_shape, geo):
         thin = per_sample_rows(w_shape, geo.stride)  # (LeNet conv1: g first, in row pairs)
         return conv_weight_grad_stacked_rows(x, g, w_shape, geo, g_first=thin, rows=rows)
@@ -2133,7 +2124,7 @@ def conv_weight_grad_columns(
     A 1x1 kernel at stride 1 without padding reads the input as it is: rather than copy it
     into one batch-wide buffer, one GEMM per sample on ``x`` itself, then a sum over the
     batch (while those per-sample results are no larger than the input).  (Where oneDNN
-    multiplies, :func:`pointwise_weight_grad` takes those.)
+    multiplies, :func:`pointwise_grads` takes those.)
     """
     o, cg, kh, kw = w_shape
     groups = geo.groups
@@ -2226,7 +2217,11 @@ class Conv2dFunction(torch.autograd.Function):
                 gx, gw = depthwise_grads(x, g, weight, geo, *ctx.needs_input_grad[:2])
             except NotImplementedError:
                 table = False
-        if not table:
+        # a 1x1 kernel: (4) and (3) from one channel-major copy of g
+        pixels = g.shape[2] * g.shape[3]
+        if not table and pointwise(weight.shape, geo.padding, g.shape[0], pixels, x, g, weight):
+            gx, gw = pointwise_grads(x, g, weight, geo, *ctx.needs_input_grad[:2])
+        elif not table:
             # the forward's row buffer of x, unless this backward is differentiated again
             # (then dw must be computed from x itself); used first, then freed
             rows = None if torch.is_grad_enabled() else getattr(ctx, "rows", None)

@@ -53,8 +53,7 @@ LAYOUTS = (
     "conv_weight_grad_columns_nchw",
     "_correlate_sample_columns",
     "pointwise_correlate",
-    "pointwise_input_grad",
-    "pointwise_weight_grad",
+    "pointwise_grads",
 )
 
 # name: input shape, weight shape, conv2d kwargs, forward layout, backward layouts (or a
@@ -385,7 +384,7 @@ POINTWISE_CASES: dict[str, tuple[tuple, tuple, dict[str, Any]]] = {
     "unbatched": ((6, 5, 4), (3, 6, 1, 1), {}),
 }
 
-POINTWISE = {"pointwise_correlate", "pointwise_input_grad", "pointwise_weight_grad"}
+POINTWISE = {"pointwise_correlate", "pointwise_grads"}
 
 
 @pytest.mark.parametrize("case", POINTWISE_CASES)
@@ -953,7 +952,7 @@ FLOAT32_LAYOUTS = {
     "phase rows": {"phase_rows", "conv_weight_grad_phase_rows"},
     "full columns": {"columns_nhwc", "conv_weight_grad_columns_nhwc"},
     "full columns, NCHW dL/dw": {"columns_nhwc", "conv_weight_grad_columns_nchw"},
-    "1x1": {"pointwise_correlate", "pointwise_input_grad", "pointwise_weight_grad"},
+    "1x1": {"pointwise_correlate", "pointwise_grads"},
 }
 
 
