@@ -534,6 +534,7 @@ def check_layouts(
         monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
         monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
         monkeypatch.setattr(conv, "row_budget", lambda _input, _output: 1)  # any thread count
+        monkeypatch.setattr(conv, "stacked_budget", lambda _input, _output: 1)
         monkeypatch.setattr(conv, "full_column_budget", lambda *_numels: 1)
         monkeypatch.setattr(conv, "DEPTHWISE_TABLE_FACTOR", 1)
     gen = torch.Generator().manual_seed(0)
@@ -782,6 +783,20 @@ def test_row_buffer_budget_grows_with_threads(
     and whole on two.  Either way: torch's output and gradients."""
     check_chunk_count(
         (6, 1, 12, 12), (8, 1, 5, 5), threads, "_correlate_stacked_rows", chunks, spy, monkeypatch
+    )
+
+
+@pytest.mark.parametrize(("threads", "chunks"), [(1, 6), (2, 1)])
+def test_stacked_buffer_budget_counts_input_and_output(
+    threads: int, chunks: int, spy: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On more than one intra-op thread a stacked conv's row buffer may take twice its
+    input plus output (:func:`handmade.conv.stacked_budget`), more than the larger of the
+    two: a LeNet-conv2-like layer (buffer 1.75x input plus output, 2.4x its output: 3
+    chunks within the larger) runs whole on two threads, one chunk per sample on one.
+    Either way: torch's output and gradients."""
+    check_chunk_count(
+        (6, 6, 14, 14), (16, 6, 5, 5), threads, "_correlate_stacked_rows", chunks, spy, monkeypatch
     )
 
 
