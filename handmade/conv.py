@@ -2037,8 +2037,10 @@ def conv_weight_grad_stacked_rows(
         dw_flat = dw_flat.view(o, kh, c, kw).permute(0, 2, 1, 3)
     else:
         dw_flat = dw_flat.view(kh, c, kw, o).permute(3, 1, 0, 2)
-    # contiguous, as the weight is: autograd then keeps it as .grad instead of a copy
-    return dw_flat.contiguous()
+    # contiguous, as the weight is, and with its strides (a view fixes those of a 1-channel
+    # dimension, which contiguous() leaves as the permute made them): autograd then keeps it
+    # as .grad instead of a copy, and DistributedDataParallel's buckets take it as they are
+    return dw_flat.contiguous().view(o, c, kh, kw)
 
 
 def weight_grad_row_pairs(rows: torch.Tensor, g: torch.Tensor, kh: int, sh: int) -> torch.Tensor:

@@ -504,6 +504,30 @@ def test_sample_columns_where_a_sample_is_one_large_product(
         assert result.ok, result.message
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "padding"),
+    [
+        ((2, 1, 28, 28), (6, 1, 5, 5), 2),  # LeNet conv1: dL/dw g-first, in row pairs
+        ((2, 6, 14, 14), (16, 6, 5, 5), 0),  # LeNet conv2: stacked
+        ((2, 1, 9, 9), (4, 1, 1, 1), 0),  # 1x1, one input channel
+        ((2, 3, 9, 9), (1, 3, 3, 3), 1),  # one output channel
+    ],
+    ids=["LeNet conv1", "LeNet conv2", "1x1 from one channel", "one output channel"],
+)
+def test_weight_gradient_has_the_weights_strides(
+    x_shape: tuple, w_shape: tuple, padding: int
+) -> None:
+    """dL/dw comes with the weight's own strides, as torch's does -- even for a dimension of
+    size 1, whose stride ``contiguous()`` does not fix: autograd then keeps it as ``.grad``
+    and DistributedDataParallel's gradient buckets take it without a "grad strides do not
+    match bucket view strides" warning."""
+    x = torch.randn(x_shape)
+    w = torch.randn(w_shape, requires_grad=True)
+    for fn in (H.conv2d, F.conv2d):
+        (grad,) = torch.autograd.grad(fn(x, w, padding=padding).sum(), w)
+        assert grad.stride() == w.stride(), fn
+
+
 def test_kernel_without_outputs_fails_as_torch() -> None:
     """A kernel with no output channels: torch's RuntimeError and message (not an error
     from deep inside a layout)."""
