@@ -254,14 +254,13 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
         missed = tap.narrow(0, 0, k - 1)
         torch.ne(missed, y_part, out=missed)  # tap t differs from y, as 0/1
         flags = missed.unbind(0)
-        for t in range(1, k - 1):
-            flags[t].mul_(flags[t - 1])  # ... and so did every tap before it
         offset = tap.select(0, k - 1)  # the window origin plus the flagged steps
         if flags:
             torch.add(base, flags[0], alpha=steps[0], out=offset)
         else:  # (a 1x1 window)
             offset.copy_(base.expand_as(offset))
         for t in range(1, k - 1):
+            flags[t].mul_(flags[t - 1])  # ... and so did every tap before it
             offset.add_(flags[t], alpha=steps[t])
         (index if whole else index[part]).copy_(offset)
         del tap, missed, flags, offset  # before the next chunk's copy (peak memory)
