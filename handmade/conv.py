@@ -132,7 +132,7 @@ THIN_KERNEL_ROW = 8
 # orientation, two output rows per GEMM (:func:`weight_grad_row_pairs`).
 STACKED_ROW_MAX = 64
 # On more than one intra-op thread a stacked conv's row buffer may take this many times its
-# input plus output (:func:`stacked_budget`), instead of the larger of the two: LeNet
+# input plus output (:func:`row_budget`), instead of the larger of the two: LeNet
 # conv2's at batch 256 (1.5x) is then built once for the whole batch -- its products large
 # enough for oneDNN, and the forward's kept for dL/dw -- instead of in 3 chunks.  At 2
 # threads (10th percentile of 16 interleaved blocks): forward 0.78x the time, dL/dx 0.80x,
@@ -781,8 +781,7 @@ def correlate(
         y = _correlate_rows(xp, w_rows, kw, stride, dilation, bias, (oh, ow))
         return y.reshape(o, oh, -1, ow).permute(2, 0, 1, 3)  # (n, O, oH, oW)
 
-    budget = (stacked_budget if stacked else row_budget)(x.numel(), n * o * oh * ow)
-    chunks = batch_chunks(n, c * kw * hp * ow, budget)
+    chunks = batch_chunks(n, c * kw * hp * ow, row_budget(x.numel(), n * o * oh * ow, stacked))
     return over_chunks(rows_chunk, chunks, (n, o, oh, ow), x)
 
 
@@ -830,10 +829,12 @@ def over_chunks(
     return out
 
 
-def row_budget(input_numel: int, output_numel: int) -> int:
+def row_budget(input_numel: int, output_numel: int, stacked: bool = False) -> int:
     """Elements a width-only row buffer may take: on one intra-op thread the smaller of the
     input and the output (torch's own kernels keep about their sum alive), on more the
-    larger, at least ``MIN_ROW_BUFFER``.
+    larger -- or, for the ``"height"`` buffer of a ``stacked`` conv (:func:`stacked_rows`:
+    its forward, dL/dx and dL/dw), ``STACKED_BUDGET_RATIO`` times their sum -- at least
+    ``MIN_ROW_BUFFER``.
 
     With more threads a chunk's small element-wise ops gain nothing from the second one
     (measured: a 54k-element add 28.5 us on 1 thread, 29.3 on 2) while large ones do, so
@@ -843,17 +844,13 @@ def row_budget(input_numel: int, output_numel: int) -> int:
     most 1.66x torch's.  On one thread the same took 0.97-1.08x (the step 0.96x, LeNet
     conv1 and conv2 1.08x and 1.07x): there the smaller budget stays.
     """
-    pick = max if torch.get_num_threads() > 1 else min
-    return max(pick(input_numel, output_numel), MIN_ROW_BUFFER)
-
-
-def stacked_budget(input_numel: int, output_numel: int) -> int:
-    """Elements the ``"height"`` row buffer of a :func:`stacked_rows` conv may take (its
-    forward, dL/dx and dL/dw): on more than one intra-op thread ``STACKED_BUDGET_RATIO``
-    times input plus output, else :func:`row_budget`."""
-    if torch.get_num_threads() > 1:
-        return max(STACKED_BUDGET_RATIO * (input_numel + output_numel), MIN_ROW_BUFFER)
-    return row_budget(input_numel, output_numel)
+    if torch.get_num_threads() == 1:
+        budget = min(input_numel, output_numel)
+    elif stacked:
+        budget = STACKED_BUDGET_RATIO * (input_numel + output_numel)
+    else:
+        budget = max(input_numel, output_numel)
+    return max(budget, MIN_ROW_BUFFER)
 
 
 def phase_row_chunks(
@@ -1806,7 +1803,8 @@ def conv_input_grad_stacked_rows(
             dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows.select(2, j))
         return dxp.narrow(3, left, wd).permute(2, 1, 0, 3)  # (n, C, H, W)
 
-    chunks = batch_chunks(n, c * kw * hp * ow, stacked_budget(n * c * hp * wp, g.numel()))
+    budget = row_budget(n * c * hp * wp, g.numel(), stacked=True)
+    chunks = batch_chunks(n, c * kw * hp * ow, budget)
     return over_chunks(stacked_chunk, chunks, (n, c, h, wd), g)
 
 
@@ -1986,9 +1984,9 @@ def row_chunks(
 ) -> list[slice]:
     """The chunks of the batch a weight gradient on a width-only row buffer
     (:func:`row_windows`) takes: whole samples' buffers, ``C*kW*Hp*oW`` elements each,
-    within :func:`row_budget` (:func:`stacked_budget` for a ``stacked`` conv's)."""
+    within :func:`row_budget` (a ``stacked`` conv's)."""
     per_sample = x.shape[1] * w_shape[3] * (x.shape[2] + geo.padding[0] + geo.padding[1])
-    budget = (stacked_budget if stacked else row_budget)(x.numel(), g.numel())
+    budget = row_budget(x.numel(), g.numel(), stacked)
     return batch_chunks(x.shape[0], per_sample * g.shape[3], budget)
 
 

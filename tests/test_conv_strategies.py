@@ -557,8 +557,7 @@ def check_layouts(
     if split:  # every buffer over budget: each batch is cut into chunks
         monkeypatch.setattr(conv, "UNSPLIT_BUFFER", 0)
         monkeypatch.setattr(conv, "MIN_ROW_BUFFER", 1)
-        monkeypatch.setattr(conv, "row_budget", lambda _input, _output: 1)  # any thread count
-        monkeypatch.setattr(conv, "stacked_budget", lambda _input, _output: 1)
+        monkeypatch.setattr(conv, "row_budget", lambda *_numels, **_stacked: 1)  # any threads
         monkeypatch.setattr(conv, "full_column_budget", lambda *_numels: 1)
         monkeypatch.setattr(conv, "DEPTHWISE_TABLE_FACTOR", 1)
     gen = torch.Generator().manual_seed(0)
@@ -815,7 +814,7 @@ def test_stacked_buffer_budget_counts_input_and_output(
     threads: int, chunks: int, spy: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On more than one intra-op thread a stacked conv's row buffer may take twice its
-    input plus output (:func:`handmade.conv.stacked_budget`), more than the larger of the
+    input plus output (:func:`handmade.conv.row_budget`), more than the larger of the
     two: a LeNet-conv2-like layer (buffer 1.75x input plus output, 2.4x its output: 3
     chunks within the larger) runs whole on two threads, one chunk per sample on one.
     Either way: torch's output and gradients."""
