@@ -316,12 +316,20 @@ def apply_function(
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_tensors(*tensors: torch.Tensor) -> bool:
     """Whether an op with no derivative and no ``functorch`` rules may compute with these
-    tensors: plain tensors (no subclass -- FakeTensor under torch.compile dispatches
-    itself -- nor ``functorch`` wrapper), none that autograd records, no forward-mode AD."""
+    tensors: plain tensors or a module's parameters (no other subclass -- FakeTensor under
+    torch.compile dispatches itself -- nor ``functorch`` wrapper), none that autograd
+    records, no forward-mode AD.
+
+    (``nn.Parameter`` computes as a plain tensor: it overrides no torch function.  Taken
+    for a subclass, a model's weights kept LeNet's convs from reusing their forward's row
+    buffer in the training step.)"""
     for t in tensors:
-        if type(t) is not torch.Tensor or _wrapped(t):
+        if type(t) not in _PLAIN_TYPES or _wrapped(t):
             return False
         if torch.is_grad_enabled() and t.requires_grad:
             return False

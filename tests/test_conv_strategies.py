@@ -687,11 +687,17 @@ def test_thin_rows_kept_buffer_holds_every_pair(monkeypatch: pytest.MonkeyPatch)
     ],
     ids=["thin rows", "stacked rows, width dilation", "unbatched"],
 )
+@pytest.mark.parametrize("parameters", [False, True], ids=["tensors", "nn.Parameter"])
 def test_weight_grad_reads_the_forwards_row_buffer(
-    x_shape: tuple, w_shape: tuple, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    x_shape: tuple,
+    w_shape: tuple,
+    kwargs: dict[str, Any],
+    parameters: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where the weight gradient contracts the stacked forward's row buffer, a forward that
-    will need it (conv2d, the weight requiring grad) keeps it: the backward builds no
+    will need it (conv2d, the weight requiring grad -- a plain tensor or a module's
+    ``nn.Parameter``, as in training) keeps it: the backward builds no
     buffer of ``x`` again -- not even on a second backward through a retained graph, which
     builds its own -- and the gradients are torch's; a double backward rebuilds it from
     ``x`` (so that dL/dw stays differentiable in ``x``); a forward without gradient keeps
@@ -708,6 +714,8 @@ def test_weight_grad_reads_the_forwards_row_buffer(
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
     w = torch.randn(w_shape, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(w_shape[0], generator=gen, dtype=torch.float64, requires_grad=True)
+    if parameters:
+        w, b = torch.nn.Parameter(w.detach()), torch.nn.Parameter(b.detach())
     x.requires_grad_(x.shape[-3] > 1)  # (LeNet conv1's input needs none)
     inputs = tuple(t for t in (x, w, b) if t.requires_grad)
 
