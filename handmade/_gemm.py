@@ -18,7 +18,8 @@ one).  Batched products are one oneDNN product per matrix.
 torch's own product runs instead wherever oneDNN's cannot stand in: other dtypes and
 devices; while autograd records (a double backward differentiates these products, and
 the oneDNN op has no derivative); under forward-mode AD and ``functorch`` transforms
-(``vmap``), which it has no rules for; tensor subclasses; and where oneDNN is disabled
+(``vmap``), which it has no rules for; tensor subclasses (``nn.Parameter`` aside: it
+computes as a plain tensor); and where oneDNN is disabled
 (``torch.backends.mkldnn.flags(enabled=False)``) or unavailable.
 """
 
@@ -68,7 +69,7 @@ def _onednn_available() -> bool:
 def onednn_ready(*tensors: torch.Tensor) -> bool:
     """Whether products of these tensors may go to oneDNN at all: float32 on the CPU, and
     nothing that needs torch's own op (autograd recording, forward-mode AD, ``functorch``
-    transforms, tensor subclasses, oneDNN disabled)."""
+    transforms, tensor subclasses other than ``nn.Parameter``, oneDNN disabled)."""
     for t in tensors:
         if t.dtype is not torch.float32 or not t.is_cpu:
             return False
