@@ -326,8 +326,8 @@ def plain_tensors(*tensors: torch.Tensor) -> bool:
     records, no forward-mode AD.
 
     (``nn.Parameter`` computes as a plain tensor: it overrides no torch function.  Taken
-    for a subclass, a model's weights kept LeNet's convs from reusing their forward's row
-    buffer in the training step.)"""
+    for a subclass, a model's weights kept its convs from reusing their forward's row
+    buffer and from the layouts picked where oneDNN multiplies.)"""
     for t in tensors:
         if type(t) not in _PLAIN_TYPES or _wrapped(t):
             return False

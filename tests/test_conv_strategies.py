@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import handmade._gemm as gemm
 import handmade.conv as conv
 import handmade.functional as H
+import handmade.nn as HN
 from parity._io import intra_op_threads
 from parity.checks import compare
 
@@ -747,6 +748,44 @@ def test_weight_grad_reads_the_forwards_row_buffer(
         with torch.set_grad_enabled(grad_mode):
             H.conv2d(x, weight, b, **kwargs)
     assert keeps == [True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "padding"),
+    [((4, 6, 14, 14), (16, 6, 5, 5), 0), ((2, 64, 14, 14), (64, 64, 3, 3), 1)],
+    ids=["stacked rows (LeNet conv2)", "channels-last where oneDNN multiplies (ResNet 3x3)"],
+)
+def test_module_parameters_take_the_layouts_of_plain_tensors(
+    x_shape: tuple, w_shape: tuple, padding: int, spy: list[str]
+) -> None:
+    """A model's weights are ``nn.Parameter``s: a ``handmade.nn.Conv2d`` takes, forward and
+    backward, the layouts the functional conv takes with plain tensors of the same values
+    (the kept row buffer; the channels-last products, picked only where oneDNN may
+    multiply) -- a parameter taken for a tensor subclass fell back to the NCHW layouts and
+    rebuilt the buffer -- and its output and gradients are torch's."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=gen, requires_grad=True)
+    module = torch.nn.Conv2d(w_shape[1], w_shape[0], w_shape[2], padding=padding)
+    handmade_module = HN.Conv2d(w_shape[1], w_shape[0], w_shape[2], padding=padding)
+    handmade_module.load_state_dict(module.state_dict())
+    plain = [t.detach().requires_grad_() for t in (module.weight, module.bias)]
+    functional = functools.partial(H.conv2d, weight=plain[0], bias=plain[1], padding=padding)
+    layouts = []
+    for conv_fn, params in (
+        (functional, plain),
+        (handmade_module, [*handmade_module.parameters()]),
+    ):
+        spy.clear()
+        y = conv_fn(x)
+        grads = torch.autograd.grad(y, (x, *params), torch.ones_like(y))
+        layouts.append(list(spy))
+    assert layouts[0] == layouts[1]
+    expected = module(x)
+    refs = torch.autograd.grad(expected, (x, module.weight, module.bias), torch.ones_like(y))
+    outs = zip(("y", "dx", "dw", "db"), (y, *grads), (expected, *refs), strict=True)
+    for name, actual, reference in outs:
+        result = compare(name, actual, reference, exact=False, dtype=torch.float32)
+        assert result.ok, result.message
 
 
 @pytest.mark.parametrize(("kernel_width", "tables"), [(3, 1), (5, 2)])
