@@ -257,3 +257,22 @@ def test_request_huge_pages_takes_effect_only_before_the_first_allocation() -> N
             assert int(huge_kib) == 0, stdout
         elif granted:
             assert int(huge_kib) >= 2048, stdout
+
+
+def test_handwriting_images_look_like_normalized_digits() -> None:
+    """The training step's images: MNIST-normalized, reproducible under a seed, a blank page
+    (intensity 0) for most pixels with between a tenth and a third in ink, each image
+    different, the ink within the central 20x20 pixels plus the pen's width."""
+    images = bench.handwriting_images(32, torch.Generator().manual_seed(0))
+    again = bench.handwriting_images(32, torch.Generator().manual_seed(0))
+    assert images.shape == (32, 1, 28, 28) and images.dtype == torch.float32
+    assert torch.equal(images, again)
+    ink = images * bench.MNIST_STD + bench.MNIST_MEAN  # back to intensities
+    assert ink.min() >= -1e-6 and ink.max() <= 1 + 1e-6
+    inked = (ink > 1e-6).float()
+    assert 0.1 < inked.mean() < 1 / 3
+    assert inked.mean((1, 2, 3)).min() > 0  # every image has a stroke
+    assert len({tuple(i.flatten().tolist()) for i in inked}) == 32
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[2:26, 2:26] = False  # 4 + 20 pixels, plus 1.6 on either side
+    assert inked[:, 0, border].sum() == 0
