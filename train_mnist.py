@@ -37,9 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from handmade.models import OPS, POOLS, LeNet5
+from handmade.models import MNIST_MEAN, MNIST_STD, OPS, POOLS, LeNet5
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DEFAULT_DATA_DIR = "data"
 DEFAULT_OUT_DIR = "runs/mnist"
 CHECKPOINT_FORMAT = "handmade-train-mnist-checkpoint-v1"

@@ -15,6 +15,9 @@ from . import nn as handmade_nn
 
 OPS = ("handmade", "torch")
 POOLS = ("max", "avg")
+# MNIST's pixel mean and standard deviation (of intensities in [0, 1]): LeNet5's inputs are
+# normalized by them (train_mnist.py's images, the bench's handwriting-like ones)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def layer_classes(ops: str) -> tuple[type, type, type]:

@@ -79,7 +79,7 @@ from tqdm import tqdm
 
 import handmade.functional as handmade_F
 from handmade import reference
-from handmade.models import LeNet5
+from handmade.models import MNIST_MEAN, MNIST_STD, LeNet5
 
 from ._io import intra_op_threads, write_json_atomic
 
@@ -330,11 +330,6 @@ def _reference_pass(case: OpCase, pass_: str) -> Pass:
     return forward_backward
 
 
-# MNIST's pixel mean and standard deviation (of intensities in [0, 1]), as train_mnist.py
-# normalizes its images
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
 def handwriting_images(n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` MNIST-like images ``(n, 1, 28, 28)``, normalized as MNIST's: a few smooth pen
     strokes (quadratic Bezier curves through random points of the central 20x20 pixels,
@@ -354,8 +349,8 @@ def handwriting_images(n: int, generator: torch.Generator) -> torch.Tensor:
     p0, p1, p2 = (p.unsqueeze(2) for p in ends.unbind(2))
     curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2  # (n, strokes, points, 2)
     rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    pixels = torch.stack((rows, cols), -1).view(1, 1, 28 * 28, 2)
-    distance = (pixels - curve.reshape(n, strokes * points, 1, 2)).norm(dim=-1).amin(1)
+    pixels = torch.stack((rows, cols), -1).view(1, 28 * 28, 2)
+    distance = torch.cdist(pixels, curve.reshape(n, strokes * points, 2)).amin(2)  # (n, 784)
     ink = (1.6 - distance).clamp(0, 1)  # (n, 784) intensities in [0, 1]
     return ((ink - MNIST_MEAN) / MNIST_STD).view(n, 1, 28, 28)
 

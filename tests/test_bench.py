@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from handmade.models import MNIST_MEAN, MNIST_STD
 from parity import bench
 
 ROW_KEYS = {
@@ -267,7 +268,7 @@ def test_handwriting_images_look_like_normalized_digits() -> None:
     again = bench.handwriting_images(32, torch.Generator().manual_seed(0))
     assert images.shape == (32, 1, 28, 28) and images.dtype == torch.float32
     assert torch.equal(images, again)
-    ink = images * bench.MNIST_STD + bench.MNIST_MEAN  # back to intensities
+    ink = images * MNIST_STD + MNIST_MEAN  # back to intensities
     assert ink.min() >= -1e-6 and ink.max() <= 1 + 1e-6
     inked = (ink > 1e-6).float()
     assert 0.1 < inked.mean() < 1 / 3
