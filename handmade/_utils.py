@@ -8,6 +8,7 @@ name the problem, so a bad call fails before any tensor work starts.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -48,44 +49,114 @@ def tensor_cache(
     return decorate
 
 
-def _pair(value: IntOrPair, name: str, op: str) -> tuple[int, int]:
-    """Normalize an int or a 1-/2-sequence of ints into ``(h, w)``.
-
-    Raises ``TypeError`` for non-integers (as torch's argument parser does) and
-    ``RuntimeError`` for a sequence of the wrong length.
+def plain_arguments(*values: Any) -> bool:
+    """Whether every value is ``None``, a ``str``, an ``int`` or a tuple of ``int`` -- of
+    exactly those types: the arguments an argument check may cache its verdict on
+    (:func:`argument_cache`).  A ``bool``, a ``float`` or a NumPy integer equals an
+    ``int`` as a cache key, yet torch rejects some of them: those calls are checked afresh.
     """
-    if isinstance(value, bool) or not isinstance(value, int | Sequence | torch.Size):
+    for value in values:
+        kind = type(value)
+        if kind is tuple:
+            for item in value:
+                if type(item) is not int:
+                    return False
+        elif kind is not int and kind is not str and value is not None:
+            return False
+    return True
+
+
+def argument_cache(
+    fn: Callable[..., Any],
+) -> Callable[..., Any]:
+    """``lru_cache`` for an argument check that is pure in its arguments and returns the
+    normalized geometry or raises: ``fn(known, *args)``, ``known`` a tuple of exact values
+    (shapes, flags already made ``bool``, the op's name), ``args`` the call's own
+    arguments.  A call whose ``args`` are :func:`plain_arguments` reuses the verdict on the
+    same ones; any other is checked afresh (and still raises).
+
+    Every conv and pool call validates and normalizes its arguments (~3 us each alone,
+    more inside a training step): cached, LeNet-5's training step at batch 1 took 0.77
+    against 0.80 ms (2 threads, 10th percentile of 24 interleaved blocks).
+    """
+    cached = lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def call(known: tuple, *args: Any) -> Any:
+        return cached(known, *args) if plain_arguments(*args) else fn(known, *args)
+
+    call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return call
+
+
+def _pair(value: IntOrPair, name: str, op: str) -> tuple[int, int]:
+    """Normalize an int or a 1-/2-sequence of ints into ``(h, w)`` of plain ``int``.
+
+    Integers as torch's argument parser takes them (:func:`as_int`): an ``int``, a NumPy
+    integer or a 0-dim integer tensor, but not a lone ``bool`` -- which a sequence takes
+    after its first item.  Raises ``TypeError`` for anything else and ``RuntimeError`` for
+    a sequence of the wrong length.
+    """
+    if type(value) is int:  # (the common case first)
+        return value, value
+    scalar = as_int(value)
+    if scalar is not None:
+        return scalar, scalar
+    if not isinstance(value, Sequence):
         raise TypeError(
             f"{op}(): argument '{name}' must be an int or a tuple of two ints, "
             f"not {type(value).__name__}"
         )
-    if isinstance(value, int):
-        return value, value
     items = tuple(value)
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise TypeError(
-                f"{op}(): argument '{name}' must be an int or a tuple of two ints, "
-                f"but got {name}={list(items)}"
-            )
-    if len(items) == 1:
-        return items[0], items[0]
-    if len(items) != 2:
+    ints = [as_int(item, bool_ok=k > 0) for k, item in enumerate(items)]
+    if None in ints:
+        raise TypeError(
+            f"{op}(): argument '{name}' must be an int or a tuple of two ints, "
+            f"but got {name}={list(items)}"
+        )
+    if len(ints) == 1:
+        ints *= 2
+    if len(ints) != 2:
         raise RuntimeError(
             f"{op}: expected {name} to be a single integer value or a list of 2 "
             f"values to match the 2 spatial dimensions, but got {name}={list(items)}"
         )
-    return items[0], items[1]
+    return ints[0], ints[1]
 
 
-def check_input_rank(x: torch.Tensor, op: str, error: type[Exception] = RuntimeError) -> None:
-    """Require ``(N, C, H, W)`` or unbatched ``(C, H, W)`` input."""
+def as_int(value: Any, bool_ok: bool = False) -> int | None:
+    """``value`` as a plain ``int`` if torch's argument parser takes it for one -- an
+    ``int``, a NumPy integer, a 0-dim integer (or ``bool``) tensor; a Python ``bool`` only
+    if ``bool_ok`` -- else ``None``."""
+    if isinstance(value, bool):
+        return int(value) if bool_ok else None
+    if isinstance(value, torch.Tensor):
+        exact = value.dim() == 0 and not (value.is_floating_point() or value.is_complex())
+        return int(value) if exact else None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_input_rank(x: torch.Tensor, op: str) -> None:
+    """Require a tensor, ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
+    check_input_type(x, op)
+    check_rank(x.shape, op)
+
+
+def check_input_type(x: Any, op: str) -> None:
+    """Require a tensor input (torch's ``TypeError`` otherwise)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}(): argument 'input' must be Tensor, not {type(x).__name__}")
-    if x.dim() not in (3, 4):
+
+
+def check_rank(shape: torch.Size, op: str, error: type[Exception] = RuntimeError) -> None:
+    """Require an input shape ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
+    if len(shape) not in (3, 4):
         raise error(
             f"Expected 3D (unbatched) or 4D (batched) input to {op}, "
-            f"but got input of size: {list(x.shape)}"
+            f"but got input of size: {list(shape)}"
         )
 
 
@@ -116,7 +187,7 @@ def pool_output_size(
 
 
 def check_pool_args(
-    x: torch.Tensor,
+    shape: torch.Size,
     kernel: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
@@ -137,19 +208,16 @@ def check_pool_args(
             f"{op}: pad should be at most half of kernel size, but got "
             f"pad={padding} and kernel_size={kernel}"
         )
-    if x.dim() == 4 and x.shape[0] == 0:
-        nonbatch = x.shape[1:]
-    else:
-        nonbatch = x.shape[-3:]
+    nonbatch = shape[1:] if len(shape) == 4 and shape[0] == 0 else shape[-3:]
     if any(s == 0 for s in nonbatch):
         raise RuntimeError(
             f"{op}: expected 3D or 4D (batch mode) tensor with optional 0 dim "
-            f"batch size for input, but got: {list(x.shape)}"
+            f"batch size for input, but got: {list(shape)}"
         )
 
 
 def pool_geometry(
-    x: torch.Tensor,
+    shape: torch.Size,
     kernel: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
@@ -158,13 +226,13 @@ def pool_geometry(
     op: str,
 ) -> tuple[int, int]:
     """Output ``(oH, oW)`` of a 2-d pool, rejecting an empty output as torch does."""
-    h, w = x.shape[-2:]
+    c, h, w = shape[-3:]
     oh = pool_output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
     ow = pool_output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
     if oh < 1 or ow < 1:
         raise RuntimeError(
-            f"{op}: given input size: ({x.shape[-3]}x{h}x{w}). Calculated output "
-            f"size: ({x.shape[-3]}x{oh}x{ow}). Output size is too small"
+            f"{op}: given input size: ({c}x{h}x{w}). Calculated output "
+            f"size: ({c}x{oh}x{ow}). Output size is too small"
         )
     return oh, ow
 

@@ -78,6 +78,8 @@ from . import _gemm as gemm
 from ._utils import (
     _pair,
     apply_function,
+    argument_cache,
+    as_int,
     at,
     check_input_rank,
     check_non_negative,
@@ -2310,68 +2312,11 @@ def _conv_geometry(
     groups: int,
 ) -> ConvGeometry:
     """Validate a conv2d call as torch does and normalize its arguments."""
-    op = "conv2d"
-    check_input_rank(x, op)
+    check_input_rank(x, "conv2d")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"conv2d(): argument 'weight' must be Tensor, not {type(weight).__name__}")
-    if isinstance(padding, str) and padding not in ("same", "valid"):
-        raise RuntimeError(f"Invalid padding string: '{padding}' (expected 'same' or 'valid')")
-    stride_hw = _pair(stride, "stride", op)
-    dilation_hw = _pair(dilation, "dilation", op)
-    check_positive(stride_hw, "stride", op)
-    check_positive(dilation_hw, "dilation", op)
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
-    if groups <= 0:
-        raise RuntimeError(f"conv2d: non-positive groups is not supported, but got groups={groups}")
-    if weight.dim() != 4:
-        raise RuntimeError(
-            f"conv2d: expected weight to be 4-dimensional (out_channels, "
-            f"in_channels/groups, kH, kW), but got weight of size {list(weight.shape)}"
-        )
-    kh, kw = weight.shape[-2:]
-    if padding == "valid":
-        pad4: Pad4 = (0, 0, 0, 0)
-    elif padding == "same":
-        if stride_hw != (1, 1):
-            raise RuntimeError("padding='same' is not supported for strided convolutions")
-        total_h, total_w = dilation_hw[0] * (kh - 1), dilation_hw[1] * (kw - 1)
-        pad4 = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
-    else:
-        ph, pw = _pair(padding, "padding", op)
-        check_non_negative((ph, pw), "padding", op)
-        pad4 = (ph, ph, pw, pw)
-    in_channels = x.shape[-3]
-    if in_channels != weight.shape[1] * groups:
-        raise RuntimeError(
-            f"Given groups={groups}, weight of size {list(weight.shape)}, expected "
-            f"input{list(x.shape)} to have {weight.shape[1] * groups} channels, "
-            f"but got {in_channels} channels instead"
-        )
-    if weight.shape[0] < groups:
-        raise RuntimeError(
-            f"Given groups={groups}, expected weight to be at least {groups} at dimension 0, "
-            f"but got weight of size {list(weight.shape)} instead"
-        )
-    if weight.shape[0] % groups != 0:
-        raise RuntimeError(
-            f"Given groups={groups}, expected weight to be divisible by {groups} at "
-            f"dimension 0, but got weight of size {list(weight.shape)} instead"
-        )
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise RuntimeError(
-            f"Given weight of size {list(weight.shape)}, expected bias to be "
-            f"1-dimensional with {weight.shape[0]} elements, but got bias of size "
-            f"{list(bias.shape)} instead"
-        )
-    padded = (x.shape[-2] + pad4[0] + pad4[1], x.shape[-1] + pad4[2] + pad4[3])
-    span = (dilation_hw[0] * (kh - 1) + 1, dilation_hw[1] * (kw - 1) + 1)
-    if padded[0] < span[0] or padded[1] < span[1]:
-        raise RuntimeError(
-            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). "
-            f"Kernel size: ({span[0]} x {span[1]}). Kernel size can't be greater "
-            f"than actual input size"
-        )
+    shapes = (x.shape, weight.shape, None if bias is None else bias.shape)
+    geo = _conv_arguments(shapes, stride, padding, dilation, groups)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(
@@ -2381,6 +2326,78 @@ def _conv_geometry(
             raise RuntimeError(
                 f"conv2d: input ({x.device}) and {name} ({t.device}) must be on the same device"
             )
+    return geo
+
+
+@argument_cache
+def _conv_arguments(
+    shapes: tuple[torch.Size, torch.Size, torch.Size | None], stride, padding, dilation, groups
+) -> ConvGeometry:
+    """The checks of :func:`_conv_geometry` that depend on the shapes of input, weight and
+    bias and on the arguments alone; the normalized arguments."""
+    op = "conv2d"
+    x_shape, w_shape, bias_shape = shapes
+    named = isinstance(padding, str)
+    if named and padding not in ("same", "valid"):
+        raise RuntimeError(f"Invalid padding string: '{padding}' (expected 'same' or 'valid')")
+    stride_hw = _pair(stride, "stride", op)
+    dilation_hw = _pair(dilation, "dilation", op)
+    check_positive(stride_hw, "stride", op)
+    check_positive(dilation_hw, "dilation", op)
+    groups_int = as_int(groups)
+    if groups_int is None:
+        raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
+    groups = groups_int
+    if groups <= 0:
+        raise RuntimeError(f"conv2d: non-positive groups is not supported, but got groups={groups}")
+    if len(w_shape) != 4:
+        raise RuntimeError(
+            f"conv2d: expected weight to be 4-dimensional (out_channels, "
+            f"in_channels/groups, kH, kW), but got weight of size {list(w_shape)}"
+        )
+    kh, kw = w_shape[-2:]
+    if named and padding == "valid":
+        pad4: Pad4 = (0, 0, 0, 0)
+    elif named:  # "same"
+        if stride_hw != (1, 1):
+            raise RuntimeError("padding='same' is not supported for strided convolutions")
+        total_h, total_w = dilation_hw[0] * (kh - 1), dilation_hw[1] * (kw - 1)
+        pad4 = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+    else:
+        ph, pw = _pair(padding, "padding", op)
+        check_non_negative((ph, pw), "padding", op)
+        pad4 = (ph, ph, pw, pw)
+    in_channels = x_shape[-3]
+    if in_channels != w_shape[1] * groups:
+        raise RuntimeError(
+            f"Given groups={groups}, weight of size {list(w_shape)}, expected "
+            f"input{list(x_shape)} to have {w_shape[1] * groups} channels, "
+            f"but got {in_channels} channels instead"
+        )
+    if w_shape[0] < groups:
+        raise RuntimeError(
+            f"Given groups={groups}, expected weight to be at least {groups} at dimension 0, "
+            f"but got weight of size {list(w_shape)} instead"
+        )
+    if w_shape[0] % groups != 0:
+        raise RuntimeError(
+            f"Given groups={groups}, expected weight to be divisible by {groups} at "
+            f"dimension 0, but got weight of size {list(w_shape)} instead"
+        )
+    if bias_shape is not None and (len(bias_shape) != 1 or bias_shape[0] != w_shape[0]):
+        raise RuntimeError(
+            f"Given weight of size {list(w_shape)}, expected bias to be "
+            f"1-dimensional with {w_shape[0]} elements, but got bias of size "
+            f"{list(bias_shape)} instead"
+        )
+    padded = (x_shape[-2] + pad4[0] + pad4[1], x_shape[-1] + pad4[2] + pad4[3])
+    span = (dilation_hw[0] * (kh - 1) + 1, dilation_hw[1] * (kw - 1) + 1)
+    if padded[0] < span[0] or padded[1] < span[1]:
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). "
+            f"Kernel size: ({span[0]} x {span[1]}). Kernel size can't be greater "
+            f"than actual input size"
+        )
     return ConvGeometry(stride_hw, pad4, dilation_hw, groups)
 
 

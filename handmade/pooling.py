@@ -40,9 +40,11 @@ from ._utils import (
     Tap,
     _pair,
     apply_function,
+    argument_cache,
     at,
-    check_input_rank,
+    check_input_type,
     check_pool_args,
+    check_rank,
     chunk_slices,
     in_bounds_taps,
     legacy_twin,
@@ -474,14 +476,37 @@ def _pool_geometry(
     x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, op: str
 ) -> PoolGeometry:
     """Validate a pooling call as torch does and normalize its arguments."""
-    check_input_rank(x, op, IndexError if op == "avg_pool2d" and x.dim() < 3 else RuntimeError)
+    check_input_type(x, op)
+    known = (x.shape, bool(ceil_mode), op)
+    return _pool_arguments(known, kernel_size, stride, padding, dilation)
+
+
+@argument_cache
+def _pool_arguments(
+    known: tuple[torch.Size, bool, str], kernel_size, stride, padding, dilation
+) -> PoolGeometry:
+    """The checks of :func:`_pool_geometry`, which depend on the input's shape and the
+    arguments alone; the normalized arguments.  A max pool's windows that lie wholly in
+    the padding are rejected here too (:func:`_first_in_bounds`)."""
+    shape, ceil_mode, op = known
+    check_rank(shape, op, IndexError if op == "avg_pool2d" and len(shape) < 3 else RuntimeError)
     kernel = _pair(kernel_size, "kernel_size", op)
     no_stride = stride is None or (isinstance(stride, tuple | list) and len(stride) == 0)
     stride_hw = kernel if no_stride else _pair(stride, "stride", op)
     padding_hw = _pair(padding, "padding", op)
     dilation_hw = _pair(dilation, "dilation", op)
-    check_pool_args(x, kernel, stride_hw, padding_hw, dilation_hw, op)
-    out = pool_geometry(x, kernel, stride_hw, padding_hw, dilation_hw, bool(ceil_mode), op)
+    check_pool_args(shape, kernel, stride_hw, padding_hw, dilation_hw, op)
+    out = pool_geometry(shape, kernel, stride_hw, padding_hw, dilation_hw, ceil_mode, op)
+    if op == "max_pool2d":
+        for axis in (0, 1):
+            _first_in_bounds(
+                out[axis],
+                kernel[axis],
+                stride_hw[axis],
+                padding_hw[axis],
+                dilation_hw[axis],
+                shape[axis - 2],
+            )
     return PoolGeometry(kernel, stride_hw, padding_hw, dilation_hw, out)
 
 
@@ -513,12 +538,6 @@ def max_pool2d(
         dilation[0]*(kH-1) - 1) / stride[0]) + 1``; plus the int64 indices if asked.
     """
     geo = _pool_geometry(input, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
-    _first_in_bounds(
-        geo.out[0], geo.kernel[0], geo.stride[0], geo.padding[0], geo.dilation[0], input.shape[-2]
-    )
-    _first_in_bounds(
-        geo.out[1], geo.kernel[1], geo.stride[1], geo.padding[1], geo.dilation[1], input.shape[-1]
-    )
     if not return_indices and plain_tensors(input):  # no winner wanted: the maxima alone
         return window_maxima(input, geo)
     y, indices = apply_function(MaxPool2dFunction, _MaxPool2dTwin, input, geo)
