@@ -1621,6 +1621,7 @@ def conv_input_grad(
     w: torch.Tensor,
     input_hw: tuple[int, int],
     geo: ConvGeometry,
+    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
 
@@ -1635,34 +1636,29 @@ def conv_input_grad(
     interleaved blocks, 0.84-0.87x the time of the row scatter at batch 64 and 0.89-0.94x
     at 256 at 2 threads) or
     :func:`conv_input_grad_scatter` (row scatter).  (The backward of a depthwise conv
-    takes :func:`depthwise_grads`.)
+    takes :func:`depthwise_grads`.)  :func:`input_grad_form` picks.
+
+    ``g_rows``: :func:`stacked_gradient_rows` of ``g``, if already made.
     """
-    (sh, sw), (dh, dw), groups = geo.stride, geo.dilation, geo.groups
-    top, bottom, left, right = geo.padding
-    n, o, oh, ow = g.shape
-    _, cg, kh, kw = w.shape
-    h, wd = input_hw
-    same_size = (sh, sw) == (1, 1) and (oh, ow) == (h, wd)
-    # the literal form's forward, with the rotated kernel's (C, O/g, kH, kW) rows
-    phase = same_size and use_phase_rows((cg * groups, o // groups, kh, kw), groups, g, w)
-    winograd = use_winograd(w.shape, geo.stride, geo.dilation, groups, (h, wd), g.dtype)
-    if same_size and not phase and winograd:
+    form = input_grad_form(g, w, input_hw, geo)
+    if form == "winograd":
+        top, bottom, left, right = geo.padding
         pad4 = (2 - top, 2 - bottom, 2 - left, 2 - right)  # "full" padding d*(k-1), cropped
         return winograd_correlate(g, w, pad4, rotated=True)
-    # the literal form re-lays out the kernel (a slow strided copy, weighted by its
-    # measured ~2.5x): worth it when the kernel is small next to the activations
-    small_kernel = 2.5 * w.numel() <= n * cg * groups * h * wd
-    if not phase and (not same_size or not small_kernel):
-        if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
-            if kh * kw > 1 and channels_last_gemms(groups, g, w):
-                return conv_input_grad_columns_nhwc(g, w, input_hw, geo)
-            return conv_input_grad_columns(g, w, input_hw, geo)
-        if sh == 1 and stacked_rows(w.shape, geo.dilation, groups):
-            return conv_input_grad_stacked_rows(g, w, input_hw, geo)
+    if form == "columns_nhwc":
+        return conv_input_grad_columns_nhwc(g, w, input_hw, geo)
+    if form == "columns":
+        return conv_input_grad_columns(g, w, input_hw, geo)
+    if form == "stacked_rows":
+        return conv_input_grad_stacked_rows(g, w, input_hw, geo, g_rows)
+    if form == "scatter":
         return conv_input_grad_scatter(g, w, input_hw, geo)
-    # "full" padding d*(k-1) on both sides of g, minus the forward's padding (cropped away)
+    # literally: "full" padding d*(k-1) on both sides of g, minus the forward's padding
+    # (cropped away), and the kernel rotated by 180 deg, in/out channels swapped within
+    # each group: (C, O/g, kH, kW)
+    (dh, dw), groups, (top, bottom, left, right) = geo.dilation, geo.groups, geo.padding
+    o, cg, kh, kw = w.shape
     full_h, full_w = dh * (kh - 1), dw * (kw - 1)
-    # rotate by 180 deg and swap in/out channels within each group: (C, O/g, kH, kW)
     w_rot = (
         w.reshape(groups, o // groups, cg, kh, kw)
         .transpose(1, 2)
@@ -1671,6 +1667,33 @@ def conv_input_grad(
     )
     pad4 = (full_h - top, full_h - bottom, full_w - left, full_w - right)
     return correlate(g, w_rot, (1, 1), pad4, (dh, dw), groups)
+
+
+def input_grad_form(
+    g: torch.Tensor, w: torch.Tensor, input_hw: tuple[int, int], geo: ConvGeometry
+) -> str:
+    """Which form of (4) :func:`conv_input_grad` takes: ``"literal"``, ``"winograd"``,
+    ``"columns_nhwc"``, ``"columns"``, ``"stacked_rows"`` or ``"scatter"``."""
+    (sh, sw), groups = geo.stride, geo.groups
+    n, o, oh, ow = g.shape
+    _, cg, kh, kw = w.shape
+    h, wd = input_hw
+    same_size = (sh, sw) == (1, 1) and (oh, ow) == (h, wd)
+    # the literal form's forward, with the rotated kernel's (C, O/g, kH, kW) rows
+    phase = same_size and use_phase_rows((cg * groups, o // groups, kh, kw), groups, g, w)
+    winograd = use_winograd(w.shape, geo.stride, geo.dilation, groups, (h, wd), g.dtype)
+    if same_size and not phase and winograd:
+        return "winograd"
+    # the literal form re-lays out the kernel (a slow strided copy, weighted by its
+    # measured ~2.5x): worth it when the kernel is small next to the activations
+    small_kernel = 2.5 * w.numel() <= n * cg * groups * h * wd
+    if phase or (same_size and small_kernel):
+        return "literal"
+    if use_columns((n, cg * groups, h, wd), w.shape, (oh, ow), geo.stride, geo.padding):
+        return "columns_nhwc" if kh * kw > 1 and channels_last_gemms(groups, g, w) else "columns"
+    if sh == 1 and stacked_rows(w.shape, geo.dilation, groups):
+        return "stacked_rows"
+    return "scatter"
 
 
 def tap_reads(
@@ -1769,6 +1792,7 @@ def conv_input_grad_stacked_rows(
     w: torch.Tensor,
     input_hw: tuple[int, int],
     geo: ConvGeometry,
+    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (4) for :func:`stacked_rows` convs of stride 1 down the height: the
     gradient of the width-only row buffer in one batched GEMM, then a scatter along the
@@ -1782,32 +1806,78 @@ def conv_input_grad_stacked_rows(
     overlapping strided view ``(H, kH*O, n*oW)``, as in :func:`_correlate_stacked_rows`.
     Only the rows the forward's padding does not crop are computed.  Each kernel column
     ``j`` then adds its rows back where it read them, ``v = q*sW + j*dW``.
+
+    ``g_rows``: that copy of ``g`` (:func:`stacked_gradient_rows`), if already made; used
+    where the batch runs in one chunk (:func:`stacked_input_grad_chunks`).
     """
     top, bottom, left, right = geo.padding
     (_, sw), dw = geo.stride, geo.dilation[1]
     n, o, oh, ow = g.shape
     _, c, kh, kw = w.shape
     h, wd = input_hw
-    hp, wp = h + top + bottom, wd + left + right
+    wp = wd + left + right
     # w_stack[(c, j), (r, o)] = w[o, c, kH-1-r, j]: row r of a run is g's row u - (kH-1-r)
     w_stack = w.flip(2).permute(1, 3, 2, 0).reshape(c * kw, kh * o)
 
     def stacked_chunk(_out: torch.Tensor | None, g_part: torch.Tensor) -> torch.Tensor:
         m = g_part.shape[0]
-        g_rows = g_part.new_empty(oh + 2 * (kh - 1), o, m, ow)
-        g_rows.narrow(0, 0, kh - 1).zero_()
-        g_rows.narrow(0, kh - 1 + oh, kh - 1).zero_()
-        g_rows.narrow(0, kh - 1, oh).copy_(g_part.permute(2, 1, 0, 3))
-        runs = row_runs(g_rows, h, kh, first=top)  # (H, kH*O, m*oW)
+        whole = g_rows is not None and g_part is g  # (one chunk: g_part is g itself)
+        padded = g_rows if whole else stacked_gradient_rows(g_part, kh)
+        runs = row_runs(padded, h, kh, first=top)  # (H, kH*O, m*oW)
         d_rows = gemm.bmm(w_stack.expand(h, c * kw, kh * o), runs).view(h, c, kw, m, ow)
         dxp = g_part.new_zeros(h, c, m, wp)
         for j in range(kw):
             dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows.select(2, j))
         return dxp.narrow(3, left, wd).permute(2, 1, 0, 3)  # (n, C, H, W)
 
-    budget = row_budget(n * c * hp * wp, g.numel(), stacked=True)
-    chunks = batch_chunks(n, c * kw * hp * ow, budget)
+    chunks = stacked_input_grad_chunks(g.shape, w.shape, input_hw, geo.padding)
     return over_chunks(stacked_chunk, chunks, (n, c, h, wd), g)
+
+
+def stacked_input_grad_chunks(
+    g_shape: torch.Size, w_shape: torch.Size, input_hw: tuple[int, int], padding: Pad4
+) -> list[slice]:
+    """The chunks of the batch :func:`conv_input_grad_stacked_rows` runs in: its buffers
+    take what the forward's row buffer would (:func:`row_budget` of a stacked conv)."""
+    n, _, _, ow = g_shape
+    _, c, _, kw = w_shape
+    hp, wp = input_hw[0] + padding[0] + padding[1], input_hw[1] + padding[2] + padding[3]
+    budget = row_budget(n * c * hp * wp, g_shape.numel(), stacked=True)
+    return batch_chunks(n, c * kw * hp * ow, budget)
+
+
+def stacked_gradient_rows(g: torch.Tensor, kh: int) -> torch.Tensor:
+    """``g`` laid out by rows, ``(kH-1 + oH + kH-1, O, n, oW)``: its rows ``(O, n, oW)``
+    between ``kH - 1`` zero rows on either side -- the buffer whose runs of ``kH`` rows
+    :func:`conv_input_grad_stacked_rows` contracts, and whose middle ``oH`` rows,
+    ``g[p, o, (n, q)]``, :func:`conv_weight_grad_stacked_rows` contracts (one copy of
+    ``g`` for both: :func:`shared_gradient_rows`)."""
+    n, o, oh, ow = g.shape
+    g_rows = g.new_empty(oh + 2 * (kh - 1), o, n, ow)
+    g_rows.narrow(0, 0, kh - 1).zero_()
+    g_rows.narrow(0, kh - 1 + oh, kh - 1).zero_()
+    g_rows.narrow(0, kh - 1, oh).copy_(g.permute(2, 1, 0, 3))
+    return g_rows
+
+
+def shared_gradient_rows(
+    x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, geo: ConvGeometry
+) -> torch.Tensor | None:
+    """:func:`stacked_gradient_rows` of ``g`` where both (4) and (3) would copy ``g`` into
+    that layout, each in one chunk of the batch (LeNet conv2 at 2 threads); else ``None``.
+    Two copies of ``g`` become one: LeNet conv2's fwd+bwd at 2 threads (10th percentile
+    of 24 interleaved blocks) 3.15 against 3.33 ms at batch 256, 0.910 against 0.916 at
+    64."""
+    one = [slice(None)]
+    if input_grad_form(g, w, tuple(x.shape[-2:]), geo) != "stacked_rows":
+        return None
+    if stacked_input_grad_chunks(g.shape, w.shape, tuple(x.shape[-2:]), geo.padding) != one:
+        return None
+    if not stacked_weight_grad(x, g, w.shape, geo) or per_sample_rows(w.shape, geo.stride):
+        return None  # (thin rows: dL/dw contracts g in pairs of rows)
+    if row_chunks(x, g, w.shape, geo, stacked=True) != one:
+        return None
+    return stacked_gradient_rows(g, w.shape[2])
 
 
 def conv_input_grad_scatter(
@@ -1893,16 +1963,20 @@ def conv_weight_grad(
     w_shape: torch.Size,
     geo: ConvGeometry,
     rows: torch.Tensor | None = None,
+    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3): dL/dw, the correlation of the padded input with ``g``, in the GEMM
     layout the forward uses for this shape (or its NCHW twin,
     :func:`conv_weight_grad_columns_nchw`): :func:`winograd_weight_grad`,
     :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_columns` or
     :func:`conv_weight_grad_rows`.  ``rows``: the stacked forward's row buffer of ``x``
-    (:func:`correlate`'s ``keep``), reused where :func:`stacked_weight_grad`."""
+    (:func:`correlate`'s ``keep``), and ``g_rows`` ``g`` laid out by rows
+    (:func:`shared_gradient_rows`), reused where :func:`stacked_weight_grad`."""
     if stacked_weight_grad(x, g, w_shape, geo):
         thin = per_sample_rows(w_shape, geo.stride)  # (LeNet conv1: g first, in row pairs)
-        return conv_weight_grad_stacked_rows(x, g, w_shape, geo, g_first=thin, rows=rows)
+        return conv_weight_grad_stacked_rows(
+            x, g, w_shape, geo, g_first=thin, rows=rows, g_rows=g_rows
+        )
     if use_phase_rows(w_shape, geo.groups, x, g):
         out_hw = tuple(g.shape[-2:])
         full, chunks = channels_last_chunks(
@@ -1999,6 +2073,7 @@ def conv_weight_grad_stacked_rows(
     geo: ConvGeometry,
     g_first: bool = False,
     rows: torch.Tensor | None = None,
+    g_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3) for :func:`stacked_rows` convs, the transpose of
     :func:`_correlate_stacked_rows`: per output row ``p`` one GEMM of its windows (the
@@ -2012,7 +2087,8 @@ def conv_weight_grad_stacked_rows(
     windows-first products (25 x n*oW x 6) ran ~2x slower than ``g``-first (6 x n*oW x 25).
 
     ``rows``: the forward's buffer of the whole batch, if it kept it (one chunk), instead
-    of building it again.
+    of building it again; ``g_rows``: ``g[p, o, (n, q)]`` of the whole batch, ``(oH, O,
+    n*oW)``, if already made (one chunk, not ``g_first``).
     """
     o, c, kh, kw = w_shape
     sh, sw, dw = *geo.stride, geo.dilation[1]
@@ -2030,7 +2106,8 @@ def conv_weight_grad_stacked_rows(
         else:
             windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
             # g[p, o, (n, q)]: a copy of whole planes (not a transpose of each element)
-            g_rows = g[part].permute(2, 1, 0, 3).reshape(oh, o, -1)
+            if g_rows is None or len(chunks) > 1:
+                g_rows = g[part].permute(2, 1, 0, 3).reshape(oh, o, -1)
             part_sum = gemm.bmm(windows, g_rows.mT).sum(0)
         dw_flat = part_sum if dw_flat is None else dw_flat + part_sum
     if g_first:
@@ -2252,11 +2329,19 @@ class Conv2dFunction(torch.autograd.Function):
             # the forward's row buffer of x, unless this backward is differentiated again
             # (then dw must be computed from x itself); used first, then freed
             rows = None if torch.is_grad_enabled() else getattr(ctx, "rows", None)
+            # one copy of g laid out by rows for (4) and (3), where both would make it
+            shared = None
+            if rows is not None and all(ctx.needs_input_grad[:2]):
+                shared = shared_gradient_rows(x, g, weight, geo)
             if rows is not None and ctx.needs_input_grad[1]:
-                gw = conv_weight_grad(x, g, weight.shape, geo, rows)  # (3)
+                g_rows = None
+                if shared is not None:  # its middle rows: g[p, o, (n, q)]
+                    kh, oh = weight.shape[2], g.shape[2]
+                    g_rows = shared.narrow(0, kh - 1, oh).view(oh, weight.shape[0], -1)
+                gw = conv_weight_grad(x, g, weight.shape, geo, rows, g_rows)  # (3)
                 ctx.rows = rows = None
             if ctx.needs_input_grad[0]:
-                gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo)  # (4)
+                gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo, shared)  # (4)
             if gw is None and ctx.needs_input_grad[1]:
                 gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
         if gx is not None and unbatched:

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import handmade._gemm as gemm
 import handmade.conv as conv
@@ -748,6 +749,39 @@ def test_weight_grad_reads_the_forwards_row_buffer(
         with torch.set_grad_enabled(grad_mode):
             H.conv2d(x, weight, b, **kwargs)
     assert keeps == [True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("batch", "threads", "shared"), [(64, 2, True), (64, 1, True), (256, 2, True), (256, 1, False)]
+)
+def test_stacked_gradients_share_one_copy_of_g(batch: int, threads: int, shared: bool) -> None:
+    """LeNet conv2: where both its gradients run in one chunk, (4) and (3) contract one
+    copy of ``g`` laid out by rows (:func:`conv.shared_gradient_rows`) instead of one each;
+    where they run in chunks (batch 256 on 1 thread), each chunk copies its part of ``g``.
+    Either way the gradients are torch's."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 6, 14, 14, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 6, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(batch, 16, 10, 10, generator=gen, dtype=torch.float64)
+    whole_g = (10, 16, batch, 10)  # g.permute(2, 1, 0, 3): g[p, o, n, q]
+    copies = []
+
+    class CopiesOfG(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            copy = func in (torch.ops.aten.copy_.default, torch.ops.aten.clone.default)
+            if copy and whole_g in shapes:
+                copies.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with intra_op_threads(threads):
+        y = H.conv2d(x, w)
+        with CopiesOfG():
+            grads = torch.autograd.grad(y, (x, w), g)
+    expected = torch.autograd.grad(F.conv2d(x, w), (x, w), g)
+    for actual, reference in zip(grads, expected, strict=True):
+        torch.testing.assert_close(actual, reference)
+    assert len(copies) == (1 if shared else 0)
 
 
 @pytest.mark.parametrize(
