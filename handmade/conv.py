@@ -1622,6 +1622,7 @@ def conv_input_grad(
     input_hw: tuple[int, int],
     geo: ConvGeometry,
     g_rows: torch.Tensor | None = None,
+    form: str | None = None,
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
 
@@ -1638,9 +1639,11 @@ def conv_input_grad(
     :func:`conv_input_grad_scatter` (row scatter).  (The backward of a depthwise conv
     takes :func:`depthwise_grads`.)  :func:`input_grad_form` picks.
 
-    ``g_rows``: :func:`stacked_gradient_rows` of ``g``, if already made.
+    ``g_rows``: :func:`stacked_gradient_rows` of ``g``, if already made; ``form``: what
+    :func:`input_grad_form` says, if already asked.
     """
-    form = input_grad_form(g, w, input_hw, geo)
+    if form is None:
+        form = input_grad_form(g, w, input_hw, geo)
     if form == "winograd":
         top, bottom, left, right = geo.padding
         pad4 = (2 - top, 2 - bottom, 2 - left, 2 - right)  # "full" padding d*(k-1), cropped
@@ -1864,17 +1867,17 @@ def shared_gradient_rows(
     x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, geo: ConvGeometry
 ) -> torch.Tensor | None:
     """:func:`stacked_gradient_rows` of ``g`` where both (4) and (3) would copy ``g`` into
-    that layout, each in one chunk of the batch (LeNet conv2 at 2 threads); else ``None``.
+    that layout, each in one chunk of the batch (LeNet conv2); else ``None``.  Called
+    where (4) takes the stacked rows (:func:`input_grad_form`) and (3) contracts the
+    forward's kept row buffer (:func:`stacked_weight_grad`, decided in the forward).
     Two copies of ``g`` become one: LeNet conv2's fwd+bwd at 2 threads (10th percentile
     of 24 interleaved blocks) 3.15 against 3.33 ms at batch 256, 0.910 against 0.916 at
     64."""
     one = [slice(None)]
-    if input_grad_form(g, w, tuple(x.shape[-2:]), geo) != "stacked_rows":
-        return None
+    if per_sample_rows(w.shape, geo.stride):
+        return None  # (thin rows: dL/dw contracts g in pairs of rows)
     if stacked_input_grad_chunks(g.shape, w.shape, tuple(x.shape[-2:]), geo.padding) != one:
         return None
-    if not stacked_weight_grad(x, g, w.shape, geo) or per_sample_rows(w.shape, geo.stride):
-        return None  # (thin rows: dL/dw contracts g in pairs of rows)
     if row_chunks(x, g, w.shape, geo, stacked=True) != one:
         return None
     return stacked_gradient_rows(g, w.shape[2])
@@ -1972,7 +1975,7 @@ def conv_weight_grad(
     :func:`conv_weight_grad_rows`.  ``rows``: the stacked forward's row buffer of ``x``
     (:func:`correlate`'s ``keep``), and ``g_rows`` ``g`` laid out by rows
     (:func:`shared_gradient_rows`), reused where :func:`stacked_weight_grad`."""
-    if stacked_weight_grad(x, g, w_shape, geo):
+    if rows is not None or stacked_weight_grad(x, g, w_shape, geo):  # (kept: it stacks)
         thin = per_sample_rows(w_shape, geo.stride)  # (LeNet conv1: g first, in row pairs)
         return conv_weight_grad_stacked_rows(
             x, g, w_shape, geo, g_first=thin, rows=rows, g_rows=g_rows
@@ -2329,9 +2332,11 @@ class Conv2dFunction(torch.autograd.Function):
             # the forward's row buffer of x, unless this backward is differentiated again
             # (then dw must be computed from x itself); used first, then freed
             rows = None if torch.is_grad_enabled() else getattr(ctx, "rows", None)
+            input_hw = tuple(x.shape[-2:])
+            form = input_grad_form(g, weight, input_hw, geo) if ctx.needs_input_grad[0] else None
             # one copy of g laid out by rows for (4) and (3), where both would make it
             shared = None
-            if rows is not None and all(ctx.needs_input_grad[:2]):
+            if rows is not None and form == "stacked_rows" and ctx.needs_input_grad[1]:
                 shared = shared_gradient_rows(x, g, weight, geo)
             if rows is not None and ctx.needs_input_grad[1]:
                 g_rows = None
@@ -2341,7 +2346,7 @@ class Conv2dFunction(torch.autograd.Function):
                 gw = conv_weight_grad(x, g, weight.shape, geo, rows, g_rows)  # (3)
                 ctx.rows = rows = None
             if ctx.needs_input_grad[0]:
-                gx = conv_input_grad(g, weight, tuple(x.shape[-2:]), geo, shared)  # (4)
+                gx = conv_input_grad(g, weight, input_hw, geo, shared, form)  # (4)
             if gw is None and ctx.needs_input_grad[1]:
                 gw = conv_weight_grad(x, g, weight.shape, geo)  # (3)
         if gx is not None and unbatched:
