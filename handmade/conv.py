@@ -1621,7 +1621,7 @@ def conv_input_grad(
     w: torch.Tensor,
     input_hw: tuple[int, int],
     geo: ConvGeometry,
-    g_rows: torch.Tensor | None = None,
+    padded_g: torch.Tensor | None = None,
     form: str | None = None,
 ) -> torch.Tensor:
     """Formula (4): dL/dx as a full convolution of ``g`` with the 180-deg rotated kernel.
@@ -1639,7 +1639,7 @@ def conv_input_grad(
     :func:`conv_input_grad_scatter` (row scatter).  (The backward of a depthwise conv
     takes :func:`depthwise_grads`.)  :func:`input_grad_form` picks.
 
-    ``g_rows``: :func:`stacked_gradient_rows` of ``g``, if already made; ``form``: what
+    ``padded_g``: :func:`stacked_gradient_rows` of ``g``, if already made; ``form``: what
     :func:`input_grad_form` says, if already asked.
     """
     if form is None:
@@ -1653,7 +1653,7 @@ def conv_input_grad(
     if form == "columns":
         return conv_input_grad_columns(g, w, input_hw, geo)
     if form == "stacked_rows":
-        return conv_input_grad_stacked_rows(g, w, input_hw, geo, g_rows)
+        return conv_input_grad_stacked_rows(g, w, input_hw, geo, padded_g)
     if form == "scatter":
         return conv_input_grad_scatter(g, w, input_hw, geo)
     # literally: "full" padding d*(k-1) on both sides of g, minus the forward's padding
@@ -1795,7 +1795,7 @@ def conv_input_grad_stacked_rows(
     w: torch.Tensor,
     input_hw: tuple[int, int],
     geo: ConvGeometry,
-    g_rows: torch.Tensor | None = None,
+    padded_g: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (4) for :func:`stacked_rows` convs of stride 1 down the height: the
     gradient of the width-only row buffer in one batched GEMM, then a scatter along the
@@ -1810,8 +1810,8 @@ def conv_input_grad_stacked_rows(
     Only the rows the forward's padding does not crop are computed.  Each kernel column
     ``j`` then adds its rows back where it read them, ``v = q*sW + j*dW``.
 
-    ``g_rows``: that copy of ``g`` (:func:`stacked_gradient_rows`), if already made; used
-    where the batch runs in one chunk (:func:`stacked_input_grad_chunks`).
+    ``padded_g``: that copy of ``g`` (:func:`stacked_gradient_rows`), if already made; used
+    where the batch runs in one chunk (:func:`row_chunks`).
     """
     top, bottom, left, right = geo.padding
     (_, sw), dw = geo.stride, geo.dilation[1]
@@ -1824,8 +1824,8 @@ def conv_input_grad_stacked_rows(
 
     def stacked_chunk(_out: torch.Tensor | None, g_part: torch.Tensor) -> torch.Tensor:
         m = g_part.shape[0]
-        whole = g_rows is not None and g_part is g  # (one chunk: g_part is g itself)
-        padded = g_rows if whole else stacked_gradient_rows(g_part, kh)
+        whole = padded_g is not None and g_part is g  # (one chunk: g_part is g itself)
+        padded = padded_g if whole else stacked_gradient_rows(g_part, kh)
         runs = row_runs(padded, h, kh, first=top)  # (H, kH*O, m*oW)
         d_rows = gemm.bmm(w_stack.expand(h, c * kw, kh * o), runs).view(h, c, kw, m, ow)
         dxp = g_part.new_zeros(h, c, m, wp)
@@ -1833,20 +1833,8 @@ def conv_input_grad_stacked_rows(
             dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows.select(2, j))
         return dxp.narrow(3, left, wd).permute(2, 1, 0, 3)  # (n, C, H, W)
 
-    chunks = stacked_input_grad_chunks(g.shape, w.shape, input_hw, geo.padding)
+    chunks = row_chunks((n, c, h, wd), g.shape, w.shape, geo.padding, stacked=True)
     return over_chunks(stacked_chunk, chunks, (n, c, h, wd), g)
-
-
-def stacked_input_grad_chunks(
-    g_shape: torch.Size, w_shape: torch.Size, input_hw: tuple[int, int], padding: Pad4
-) -> list[slice]:
-    """The chunks of the batch :func:`conv_input_grad_stacked_rows` runs in: its buffers
-    take what the forward's row buffer would (:func:`row_budget` of a stacked conv)."""
-    n, _, _, ow = g_shape
-    _, c, _, kw = w_shape
-    hp, wp = input_hw[0] + padding[0] + padding[1], input_hw[1] + padding[2] + padding[3]
-    budget = row_budget(n * c * hp * wp, g_shape.numel(), stacked=True)
-    return batch_chunks(n, c * kw * hp * ow, budget)
 
 
 def stacked_gradient_rows(g: torch.Tensor, kh: int) -> torch.Tensor:
@@ -1873,12 +1861,10 @@ def shared_gradient_rows(
     Two copies of ``g`` become one: LeNet conv2's fwd+bwd at 2 threads (10th percentile
     of 24 interleaved blocks) 3.15 against 3.33 ms at batch 256, 0.910 against 0.916 at
     64."""
-    one = [slice(None)]
     if per_sample_rows(w.shape, geo.stride):
         return None  # (thin rows: dL/dw contracts g in pairs of rows)
-    if stacked_input_grad_chunks(g.shape, w.shape, tuple(x.shape[-2:]), geo.padding) != one:
-        return None
-    if row_chunks(x, g, w.shape, geo, stacked=True) != one:
+    # (dL/dx and dL/dw take the same chunks)
+    if row_chunks(x.shape, g.shape, w.shape, geo.padding, stacked=True) != [slice(None)]:
         return None
     return stacked_gradient_rows(g, w.shape[2])
 
@@ -1966,19 +1952,19 @@ def conv_weight_grad(
     w_shape: torch.Size,
     geo: ConvGeometry,
     rows: torch.Tensor | None = None,
-    g_rows: torch.Tensor | None = None,
+    padded_g: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3): dL/dw, the correlation of the padded input with ``g``, in the GEMM
     layout the forward uses for this shape (or its NCHW twin,
     :func:`conv_weight_grad_columns_nchw`): :func:`winograd_weight_grad`,
     :func:`conv_weight_grad_sample_rows`, :func:`conv_weight_grad_columns` or
     :func:`conv_weight_grad_rows`.  ``rows``: the stacked forward's row buffer of ``x``
-    (:func:`correlate`'s ``keep``), and ``g_rows`` ``g`` laid out by rows
+    (:func:`correlate`'s ``keep``), and ``padded_g``, ``g`` laid out by rows
     (:func:`shared_gradient_rows`), reused where :func:`stacked_weight_grad`."""
     if rows is not None or stacked_weight_grad(x, g, w_shape, geo):  # (kept: it stacks)
         thin = per_sample_rows(w_shape, geo.stride)  # (LeNet conv1: g first, in row pairs)
         return conv_weight_grad_stacked_rows(
-            x, g, w_shape, geo, g_first=thin, rows=rows, g_rows=g_rows
+            x, g, w_shape, geo, g_first=thin, rows=rows, padded_g=padded_g
         )
     if use_phase_rows(w_shape, geo.groups, x, g):
         out_hw = tuple(g.shape[-2:])
@@ -2055,18 +2041,19 @@ def conv_weight_grad_rows(
 
 
 def row_chunks(
-    x: torch.Tensor,
-    g: torch.Tensor,
+    x_shape: tuple[int, ...],
+    g_shape: torch.Size,
     w_shape: torch.Size,
-    geo: ConvGeometry,
+    padding: Pad4,
     stacked: bool = False,
 ) -> list[slice]:
-    """The chunks of the batch a weight gradient on a width-only row buffer
-    (:func:`row_windows`) takes: whole samples' buffers, ``C*kW*Hp*oW`` elements each,
-    within :func:`row_budget` (a ``stacked`` conv's)."""
-    per_sample = x.shape[1] * w_shape[3] * (x.shape[2] + geo.padding[0] + geo.padding[1])
-    budget = row_budget(x.numel(), g.numel(), stacked)
-    return batch_chunks(x.shape[0], per_sample * g.shape[3], budget)
+    """The chunks of the batch a gradient on a width-only row buffer (:func:`row_windows`)
+    takes -- dL/dw's, or a stacked conv's dL/dx (:func:`conv_input_grad_stacked_rows`),
+    whose buffers take what the forward's would: whole samples' buffers, ``C*kW*Hp*oW``
+    elements each, within :func:`row_budget` (a ``stacked`` conv's)."""
+    n, c, h, w = x_shape
+    per_sample = c * w_shape[3] * (h + padding[0] + padding[1]) * g_shape[3]
+    return batch_chunks(n, per_sample, row_budget(n * c * h * w, g_shape.numel(), stacked))
 
 
 def conv_weight_grad_stacked_rows(
@@ -2076,7 +2063,7 @@ def conv_weight_grad_stacked_rows(
     geo: ConvGeometry,
     g_first: bool = False,
     rows: torch.Tensor | None = None,
-    g_rows: torch.Tensor | None = None,
+    padded_g: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Formula (3) for :func:`stacked_rows` convs, the transpose of
     :func:`_correlate_stacked_rows`: per output row ``p`` one GEMM of its windows (the
@@ -2090,14 +2077,15 @@ def conv_weight_grad_stacked_rows(
     windows-first products (25 x n*oW x 6) ran ~2x slower than ``g``-first (6 x n*oW x 25).
 
     ``rows``: the forward's buffer of the whole batch, if it kept it (one chunk), instead
-    of building it again; ``g_rows``: ``g[p, o, (n, q)]`` of the whole batch, ``(oH, O,
-    n*oW)``, if already made (one chunk, not ``g_first``).
+    of building it again; ``padded_g``: :func:`stacked_gradient_rows` of the whole batch's
+    ``g``, if already made, whose middle rows are ``g[p, o, (n, q)]`` (one chunk, not
+    ``g_first``).
     """
     o, c, kh, kw = w_shape
     sh, sw, dw = *geo.stride, geo.dilation[1]
     _, _, oh, ow = g.shape
     dw_flat = None  # g first: dw[o, (i, c, j)]; else dw[(i, c, j), o]
-    chunks = row_chunks(x, g, w_shape, geo, stacked=True)
+    chunks = row_chunks(x.shape, g.shape, w_shape, geo.padding, stacked=True)
     padding = (
         paired_row_padding(geo.padding, w_shape, sh, x.shape[2], oh) if g_first else geo.padding
     )
@@ -2109,7 +2097,9 @@ def conv_weight_grad_stacked_rows(
         else:
             windows = row_runs(rows, oh, kh, sh)  # (oH, kH*C*kW, n*oW): rows p*sH + i
             # g[p, o, (n, q)]: a copy of whole planes (not a transpose of each element)
-            if g_rows is None or len(chunks) > 1:
+            if padded_g is not None and len(chunks) == 1:
+                g_rows = padded_g.narrow(0, kh - 1, oh).view(oh, o, -1)
+            else:
                 g_rows = g[part].permute(2, 1, 0, 3).reshape(oh, o, -1)
             part_sum = gemm.bmm(windows, g_rows.mT).sum(0)
         dw_flat = part_sum if dw_flat is None else dw_flat + part_sum
@@ -2200,7 +2190,7 @@ def conv_weight_grad_sample_rows(
     (dh, dw), groups = geo.dilation, geo.groups
     _, _, oh, ow = g.shape
     dw_rows = None  # (kH, g, O/g, C/g*kW): dw_rows[i] = dw[:, :, i, :]
-    for part in row_chunks(x, g, w_shape, geo):
+    for part in row_chunks(x.shape, g.shape, w_shape, geo.padding):
         rows = row_windows(_pad(x[part], geo.padding), kw, dw, geo.stride[1], ow, order="sample")
         m = rows.shape[0]
         g_part = g[part].reshape(m * groups, o // groups, oh * ow)
@@ -2339,11 +2329,7 @@ class Conv2dFunction(torch.autograd.Function):
             if rows is not None and form == "stacked_rows" and ctx.needs_input_grad[1]:
                 shared = shared_gradient_rows(x, g, weight, geo)
             if rows is not None and ctx.needs_input_grad[1]:
-                g_rows = None
-                if shared is not None:  # its middle rows: g[p, o, (n, q)]
-                    kh, oh = weight.shape[2], g.shape[2]
-                    g_rows = shared.narrow(0, kh - 1, oh).view(oh, weight.shape[0], -1)
-                gw = conv_weight_grad(x, g, weight.shape, geo, rows, g_rows)  # (3)
+                gw = conv_weight_grad(x, g, weight.shape, geo, rows, shared)  # (3)
                 ctx.rows = rows = None
             if ctx.needs_input_grad[0]:
                 gx = conv_input_grad(g, weight, input_hw, geo, shared, form)  # (4)
