@@ -401,7 +401,13 @@ def plain_tensors(*tensors: torch.Tensor) -> bool:
             return False
         if torch.is_grad_enabled() and t.requires_grad:
             return False
-    return forward_ad._current_level < 0
+    return not forward_ad_active()
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``):
+    only then can a Function's ``jvp`` run, so only then need it ``save_for_forward``."""
+    return forward_ad._current_level >= 0
 
 
 def _wrapped(t: torch.Tensor) -> bool:

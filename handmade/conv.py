@@ -85,6 +85,7 @@ from ._utils import (
     check_non_negative,
     check_positive,
     chunk_slices,
+    forward_ad_active,
     in_bounds_taps,
     legacy_twin,
     own_output,
@@ -1940,6 +1941,9 @@ def _add_at(
     """``buf[..., start : start + length*step : step, ...] += value`` along ``dim``."""
     if start == 0 and step == 1 and length == buf.shape[dim]:
         return buf + value  # (a full-range slice would break vmap)
+    if step == 1:  # (narrow: a cheaper call than indexing)
+        buf.narrow(dim, start, length).add_(value)
+        return buf
     index = [slice(None)] * buf.dim()
     index[dim] = slice(start, start + (length - 1) * step + 1, step)
     buf[tuple(index)].add_(value)
@@ -2289,11 +2293,12 @@ class Conv2dFunction(torch.autograd.Function):
         x, weight, bias, geo = inputs
         kept, _KEPT.rows = getattr(_KEPT, "rows", None), None
         if kept is not None and kept[0] is output and ctx.needs_input_grad[1]:
-            x_b, y_b = (x, output) if x.dim() == 4 else (x.unsqueeze(0), output.unsqueeze(0))
-            if stacked_weight_grad(x_b, y_b, weight.shape, geo):
-                ctx.rows = kept[1]  # (an intermediate: an attribute, freed with the graph)
+            # (only the stacked forward keeps its buffer, and (3) then contracts it:
+            # :func:`stacked_weight_grad`; an intermediate: an attribute, freed with the graph)
+            ctx.rows = kept[1]
         ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
+        if forward_ad_active():  # (what its jvp reads)
+            ctx.save_for_forward(x, weight)
         ctx.geo = geo
         ctx.has_bias = bias is not None
         ctx.batched_out_shape = output.shape if x.dim() == 4 else (1, *output.shape)

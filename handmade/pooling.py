@@ -30,6 +30,7 @@ computes the maxima alone (:func:`window_maxima`).
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -46,6 +47,7 @@ from ._utils import (
     check_pool_args,
     check_rank,
     chunk_slices,
+    forward_ad_active,
     in_bounds_taps,
     legacy_twin,
     own_output,
@@ -128,7 +130,7 @@ def max_pool_forward(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, 
         y, index = _max_pool_tiled(x, geo)
     else:
         y, index = _max_pool_taps(x, geo, taps)
-    if x.is_floating_point() and y.sum().isnan():  # (a sum is NaN if any y is; cheap test)
+    if x.is_floating_point() and math.isnan(y.sum().item()):  # (NaN if any y is: cheap)
         nan_window = y.isnan()
         base = _window_origins(geo, w, x.device)
         for t in taps:  # the last NaN tap of a NaN window wins
@@ -237,8 +239,12 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
     k = kh * kw
     planes = x.reshape(-1, h, w)
     m = planes.shape[0]
-    y = x.new_empty(m, oh, ow)
-    index = torch.empty(m, oh, ow, dtype=torch.int64, device=x.device)
+    # the results in their final shapes (views of them would be detached on the way out),
+    # filled through views by plane
+    lead = x.shape[:-2]
+    y_out = x.new_empty(*lead, oh, ow)
+    index_out = torch.empty(*lead, oh, ow, dtype=torch.int64, device=x.device)
+    y, index = y_out.view(m, oh, ow), index_out.view(m, oh, ow)
     base = _window_origins(geo, w, x.device, x.dtype)
     steps = _tap_steps(geo.kernel, w)
     # per window the re-laid-out taps take k elements, y and index (the outputs torch
@@ -269,8 +275,7 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
             offset.add_(flags[t], alpha=steps[t])
         (index if whole else index[part]).copy_(offset)
         del tap, missed, flags, offset  # before the next chunk's copy (peak memory)
-    lead = x.shape[:-2]
-    return y.view(*lead, oh, ow), index.view(*lead, oh, ow)
+    return y_out, index_out
 
 
 def max_pool_backward(
@@ -317,7 +322,8 @@ class MaxPool2dFunction(torch.autograd.Function):
         # took ~45 us of a ~120 us backward of a small pool, measured)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(indices)
-        ctx.save_for_forward(indices)
+        if forward_ad_active():  # (what its jvp reads)
+            ctx.save_for_forward(indices)
         ctx.input_shape = x.shape
 
     @staticmethod
