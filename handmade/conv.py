@@ -1830,8 +1830,15 @@ def conv_input_grad_stacked_rows(
         runs = row_runs(padded, h, kh, first=top)  # (H, kH*O, m*oW)
         d_rows = gemm.bmm(w_stack.expand(h, c * kw, kh * o), runs).view(h, c, kw, m, ow)
         dxp = g_part.new_zeros(h, c, m, wp)
-        for j in range(kw):
-            dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows.select(2, j))
+        if sw == 1 and not torch.is_grad_enabled():
+            # column j's reads, v = q + j*dW: the windows of one unfold, fewer calls (not
+            # where a double backward records: autograd refuses in-place ops on unbind's views)
+            reads = dxp.unfold(3, ow, dw).unbind(3)  # (kW views, as d_rows.unbind(2))
+            for read, d_j in zip(reads, d_rows.unbind(2), strict=True):
+                read.add_(d_j)
+        else:
+            for j in range(kw):
+                dxp = _add_at(dxp, 3, j * dw, ow, sw, d_rows.select(2, j))
         return dxp.narrow(3, left, wd).permute(2, 1, 0, 3)  # (n, C, H, W)
 
     chunks = row_chunks((n, c, h, wd), g.shape, w.shape, geo.padding, stacked=True)
