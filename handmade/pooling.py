@@ -251,15 +251,20 @@ def _max_pool_tiled(x: torch.Tensor, geo: PoolGeometry) -> tuple[torch.Tensor, t
     # allocates too) 1 + 8/itemsize: chunk the planes so the taps stay within 3/4 of those
     itemsize = x.element_size()
     budget = 3 * m * oh * ow * (itemsize + 8) // (4 * itemsize)
-    if oh * kh < h or ow * kw < w:  # (rows and columns no window reaches)
-        planes = planes[:, : oh * kh, : ow * kw]
     for part in chunk_slices(m, k * oh * ow, budget, unsplit=MIN_TAP_BUFFER):
         # (the whole tensors where one chunk takes them all: each slice is a tensor op)
         whole = part == slice(None)
-        windows_part = (planes if whole else planes[part]).reshape(-1, oh, kh, ow, kw)
-        # the one copy (always a copy: the passes below write into it)
-        tap = windows_part.permute(2, 4, 0, 1, 3).clone(memory_format=torch.contiguous_format)
-        tap = tap.view(k, -1, oh, ow)
+        planes_part = planes if whole else planes[part]
+        # tap (i, j) of window (p, q) of plane r, planes_part[r, p*kH + i, q*kW + j], as one
+        # strided view (kH, kW, r, oH, oW); the one copy (always a copy: the passes below
+        # write into it)
+        sr, su, sv = planes_part.stride()
+        taps_view = planes_part.as_strided(
+            (kh, kw, planes_part.shape[0], oh, ow),
+            (su, sv, sr, kh * su, kw * sv),
+            planes_part.storage_offset(),
+        )
+        tap = taps_view.clone(memory_format=torch.contiguous_format).view(k, -1, oh, ow)
         y_part = torch.amax(tap, dim=0, out=y if whole else y[part])
         # taps 0..k-2 turn into the flags; the last tap's block then holds the offset
         missed = tap.narrow(0, 0, k - 1)
